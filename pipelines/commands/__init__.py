@@ -1,0 +1,1 @@
+"""One module per command family; `pipelines.cli` loads them lazily by name."""

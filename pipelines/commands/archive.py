@@ -1,0 +1,106 @@
+"""`mir synth`, `mir inspect`, `mir validate`: making and looking at archives."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from storage_schemas import ArchiveError, TextRole, open_archive, validate_archive
+from storage_schemas.summary import summarize
+from storage_schemas.synth import write_synthetic_archive
+
+
+def _human_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a (remote)"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@click.command()
+@click.option("--out", "out", required=True, type=click.Path(), help="Archive directory to create.")
+@click.option("--layers", default=4, show_default=True, type=click.IntRange(min=1), help="Decoder layers (plus the embeddings, layer 0).")
+@click.option("--hidden", default=256, show_default=True, type=click.IntRange(min=1), help="Hidden size (channels).")
+@click.option("--samples", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--vision-tokens", default=64, show_default=True, type=click.IntRange(min=1), help="Vision tokens per sample.")
+@click.option("--text-tokens", default=48, show_default=True, type=click.IntRange(min=1), help="Mean stored text tokens per sample.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32", "bfloat16"]))
+@click.option("--overwrite", is_flag=True, help="Replace an existing archive at --out.")
+def synth(out, layers, hidden, samples, vision_tokens, text_tokens, seed, dtype, overwrite):
+    """Write a synthetic archive with realistic LVLM-like activations (no GPU, no model)."""
+    try:
+        write_synthetic_archive(out, layers=layers, hidden=hidden, samples=samples, vision_tokens=vision_tokens,
+                                text_tokens=text_tokens, seed=seed, dtype=dtype, overwrite=overwrite)
+    except ArchiveError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {samples} synthetic samples x {layers + 1} layers x {hidden} channels to {out}")
+
+
+@click.command("inspect")
+@click.argument("archives", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect_cmd(archives, as_json):
+    """Summarise an archive (several paths: parts read as one): provenance, sizes, compression."""
+    try:
+        info = summarize(open_archive(list(archives)))
+    except ArchiveError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    model, ext, data = info["model"], info["extraction"], info["dataset"]
+    role_names = {int(r): r.name.lower() for r in TextRole}
+    lines = [
+        f"archive      {info['location']}  ({info['schema']}, fingerprint {info['fingerprint']})",
+        f"model        {model.get('name_or_path', '?')}  [{model.get('architecture', '?')}]",
+        f"             revision {model.get('revision') or '-'}  weights {str(model.get('weights_hash') or '-')[:16]}"
+        f"  config {str(model.get('config_hash') or '-')[:16]}",
+        f"             model dtype {model.get('dtype', '?')}, {model.get('num_hidden_layers', '?')} decoder layers,"
+        f" hidden size {info['hidden_size']}",
+        f"extraction   {ext.get('tool', '?')} {ext.get('tool_version', '')}  layout {ext.get('prompt_layout', '?')}"
+        f"  time {ext.get('time', info['commit'] and '-')}",
+        f"dataset      {', '.join(map(str, data.get('sources', []))) or '-'}  (sample list hash "
+        f"{str(data.get('sample_list_hash') or '-')[:16]})",
+        f"layers       {len(info['layers'])} stored: {_ranges(info['layers'])}",
+        f"samples      {info['samples']}",
+        f"tokens       vision {info['tokens']['vision']}, text {info['tokens']['text']} ("
+        + ", ".join(f"{role_names.get(k, k)} {v}" for k, v in info["text_tokens_by_role"].items()) + ")",
+        f"dtype        stored {info['stored_dtype']} (model computed {info['source_dtype']})",
+        f"size         {_human_bytes(info['raw_bytes'])} raw, {_human_bytes(info['disk_bytes'])} on disk"
+        + (f", compression ratio {info['compression_ratio']:.2f}x" if info["compression_ratio"] else ""),
+    ]
+    click.echo("\n".join(lines))
+
+
+def _ranges(values: list[int]) -> str:
+    out, start, prev = [], None, None
+    for v in values + [None]:
+        if start is None:
+            start = prev = v
+        elif v is not None and v == prev + 1:
+            prev = v
+        else:
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = prev = v
+    return ", ".join(out)
+
+
+@click.command()
+@click.argument("archive")
+@click.option("--quick", is_flag=True, help="Skip reading every chunk (schema, shapes and offsets only).")
+def validate(archive, quick):
+    """Check schema, shapes, offsets and every chunk's checksum; exit 1 naming what is wrong."""
+    report = validate_archive(archive, check_chunks=not quick)
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if not report.ok:
+        for problem in report.problems:
+            click.echo(f"problem: {problem}", err=True)
+        raise SystemExit(1)
+    commit = report.attrs.get("commit", {})
+    click.echo(f"{archive}: valid {report.attrs.get('schema')} archive, {commit.get('samples')} samples, "
+               f"{report.checked_chunks} chunks verified")

@@ -1,0 +1,72 @@
+"""One sample's activations as the writer receives them, and the checks they must pass."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .schema import ArchiveError, TextRole
+
+
+@dataclass
+class SampleRecord:
+    """Everything stored for one sample: all stored layers of its vision and non-image tokens.
+
+    `vision` and `text_hidden` are (n_layers, n_tokens, hidden). bfloat16 model output is passed
+    as float32 (exact); the writer checks that its low 16 bits are zero.
+    """
+
+    sample_id: str
+    image: str
+    text: str
+    vision: np.ndarray
+    vision_position: np.ndarray
+    text_hidden: np.ndarray
+    text_position: np.ndarray
+    text_token_id: np.ndarray
+    text_role: np.ndarray
+    input_ids: np.ndarray
+
+    @property
+    def n_vision(self) -> int:
+        return int(self.vision.shape[1])
+
+    @property
+    def n_text(self) -> int:
+        return int(self.text_hidden.shape[1])
+
+    def check(self, *, n_layers: int, hidden_size: int, stored_dtype: str, source_dtype: str,
+              allow_nonfinite: bool = False) -> None:
+        """Raise ArchiveError naming the sample if anything would store a wrong or unreadable value."""
+        who = f"sample {self.sample_id!r}"
+        if not isinstance(self.sample_id, str) or not self.sample_id:
+            raise ArchiveError(f"{who}: sample_id must be a non-empty string")
+        for name in ("vision", "text_hidden"):
+            arr = getattr(self, name)
+            if arr.ndim != 3 or arr.shape[0] != n_layers or arr.shape[2] != hidden_size:
+                raise ArchiveError(
+                    f"{who}: {name} has shape {arr.shape}, expected ({n_layers}, tokens, {hidden_size})")
+            if arr.dtype != np.dtype(stored_dtype):
+                raise ArchiveError(f"{who}: {name} is {arr.dtype}, the archive stores {stored_dtype}")
+            if source_dtype == "bfloat16" and arr.size and np.any(arr.view(np.uint32) & 0xFFFF):
+                raise ArchiveError(f"{who}: {name} holds values that are not bfloat16; refusing to store "
+                                   "them in a bfloat16-sourced archive")
+            if not allow_nonfinite and arr.size and not np.isfinite(arr).all():
+                bad = int((~np.isfinite(arr)).sum())
+                raise ArchiveError(f"{who}: {name} holds {bad} NaN/Inf values (the model overflowed in its "
+                                   "dtype?); try --dtype float32")
+        n_text = self.n_text
+        for name, expected in (("vision_position", self.n_vision), ("text_position", n_text),
+                               ("text_token_id", n_text), ("text_role", n_text)):
+            arr = np.asarray(getattr(self, name))
+            if arr.shape != (expected,):
+                raise ArchiveError(f"{who}: {name} has shape {arr.shape}, expected ({expected},)")
+        roles = np.asarray(self.text_role)
+        if roles.size and (roles.min() < min(TextRole) or roles.max() > max(TextRole)):
+            raise ArchiveError(f"{who}: text_role holds codes outside {[int(r) for r in TextRole]}")
+        seq = np.asarray(self.input_ids)
+        if seq.ndim != 1:
+            raise ArchiveError(f"{who}: input_ids must be 1-D")
+        positions = np.concatenate([np.asarray(self.vision_position), np.asarray(self.text_position)])
+        if positions.size and (positions.min() < 0 or positions.max() >= seq.size):
+            raise ArchiveError(f"{who}: token positions fall outside its {seq.size} input tokens")

@@ -1,0 +1,74 @@
+"""Opening archives from a local path or any fsspec URL, and the first checks on what is there."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import zarr
+
+from .schema import SCHEMA_MAJOR, SCHEMA_NAME, ArchiveError
+
+REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "gcs://", "az://", "abfs://", "memory://")
+
+
+def is_remote(location: str) -> bool:
+    return str(location).startswith(REMOTE_PREFIXES)
+
+
+def open_store(location: str | Path, storage_options: dict | None = None, *, read_only: bool = True):
+    """A zarr store for a local directory (`file://` accepted) or an fsspec URL. Never executes code."""
+    location = str(location)
+    if is_remote(location):
+        try:
+            return zarr.storage.FsspecStore.from_url(location, storage_options=storage_options or {},
+                                                     read_only=True)
+        except ImportError as exc:
+            raise ArchiveError(f"reading {location} needs an fsspec backend: {exc}. "
+                               "Install the remote extra: pip install 'mir-pipeline[remote]'") from exc
+    path = Path(location.removeprefix("file://")).expanduser()
+    if not path.is_dir():
+        raise ArchiveError(f"{path}: no archive there (expected a directory written by `mir extract` or "
+                           "`mir synth`)")
+    return zarr.storage.LocalStore(path, read_only=read_only)
+
+
+def read_root_attrs(location: str | Path, storage_options: dict | None = None, store=None) -> dict:
+    """The root attributes, after checking that this is an archive of a schema version we understand."""
+    store = store or open_store(location, storage_options)
+    try:
+        group = zarr.open_group(store, mode="r", zarr_format=3)
+    except FileNotFoundError as exc:
+        raise ArchiveError(f"{location}: not a Zarr v3 group (no zarr.json); is this an archive?") from exc
+    except (ValueError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ArchiveError(f"{location}: the root metadata (zarr.json) is unreadable: {exc}") from exc
+    attrs = dict(group.attrs)
+    check_schema(attrs, location)
+    return attrs
+
+
+def check_schema(attrs: dict, location) -> None:
+    schema = attrs.get("schema")
+    if not isinstance(schema, str) or "/" not in schema:
+        raise ArchiveError(f"{location}: not a mir archive (root attribute 'schema' is {schema!r}, "
+                           f"expected '{SCHEMA_NAME}/{SCHEMA_MAJOR}')")
+    name, _, version = schema.partition("/")
+    major = version.split(".")[0]
+    if name != SCHEMA_NAME or major != str(SCHEMA_MAJOR):
+        raise ArchiveError(f"{location}: unknown schema version {schema!r}; this mir-pipeline reads "
+                           f"'{SCHEMA_NAME}/{SCHEMA_MAJOR}'. Upgrade mir-pipeline to read it.")
+    commit = attrs.get("commit")
+    if not isinstance(commit, dict) or not all(isinstance(commit.get(k), int) and commit[k] >= 0 for k in
+                                               ("samples", "vision_tokens", "text_tokens", "input_tokens")):
+        raise ArchiveError(f"{location}: the commit record (root attribute 'commit') is missing or malformed: "
+                           f"{commit!r}")
+    storage = attrs.get("storage")
+    if not isinstance(storage, dict) or "hidden_size" not in storage or "dtype" not in storage:
+        raise ArchiveError(f"{location}: root attribute 'storage' is missing or malformed")
+
+
+def is_writable_local(location: str | Path) -> bool:
+    if is_remote(str(location)):
+        return False
+    path = Path(str(location).removeprefix("file://")).expanduser()
+    return os.access(path, os.W_OK)

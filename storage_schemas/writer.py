@@ -1,0 +1,299 @@
+"""The only code that writes archives: create, append in committed batches, recover.
+
+Commit protocol (see README.md, "Growth and crash safety"): for a batch, every array is resized
+and its new region written; then the root attribute `commit` is rewritten in one atomic file
+replace (zarr's LocalStore writes through a temporary file and a rename). Readers trust only the
+commit record, so a crash at any moment leaves the committed prefix intact and readable.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from .codecs import CHUNKS_PER_SHARD, DEFAULT_CODEC, INDEX_CHUNK, chunk_tokens_for, hidden_compressors, \
+    index_compressors
+from .lock import WriterLock
+from .records import SampleRecord
+from .schema import (COMMIT_KEYS, HIDDEN, HIDDEN_DIMS, MODALITIES, ROLE_MEANINGS, SAMPLE_VARIABLES,
+                     SAMPLES_GROUP, SCHEMA_VERSION, STORED_DTYPE, TOKEN_VARIABLES, ArchiveError, TextRole,
+                     commit_key_for)
+from .store import is_remote, read_root_attrs
+
+DEFAULT_COMMIT_BYTES = 256 * 2**20
+DEFAULT_COMMIT_SAMPLES = 4096
+
+
+class ArchiveWriter:
+    """Appends samples to one archive; holds its writer lock while open. Use as a context manager."""
+
+    def __init__(self, path: Path, group: zarr.Group, lock: WriterLock, *,
+                 commit_bytes: int = DEFAULT_COMMIT_BYTES, commit_samples: int = DEFAULT_COMMIT_SAMPLES):
+        self.path = path
+        self.group = group
+        self._lock = lock
+        self.attrs: dict = dict(group.attrs)
+        storage = self.attrs["storage"]
+        self.layers = [int(x) for x in group["vision/layer"][:]]
+        self.hidden_size = int(storage["hidden_size"])
+        self.stored_dtype = storage["dtype"]
+        self.source_dtype = storage["source_dtype"]
+        self.commit_bytes = commit_bytes
+        self.commit_samples = commit_samples
+        self._buffer: list[SampleRecord] = []
+        self._buffered_bytes = 0
+        self._pending_attrs: dict = {}
+        n = self.attrs["commit"]["samples"]
+        self._ids: set[str] = set(str(x) for x in group[f"{SAMPLES_GROUP}/sample_id"][:n]) if n else set()
+        self._committed_ids_order: list[str] | None = None
+
+    # ----------------------------------------------------------------- opening
+    @classmethod
+    def create(cls, path: str | Path, *, layers: Sequence[int], hidden_size: int, dtype: str, attrs: dict,
+               overwrite: bool = False, chunk_tokens: int | None = None,
+               chunks_per_shard: int = CHUNKS_PER_SHARD, codec: dict | None = None,
+               **writer_options) -> "ArchiveWriter":
+        """Create an empty archive atomically (built beside `path`, then renamed into place)."""
+        path = _local_path(path)
+        if dtype not in STORED_DTYPE:
+            raise ArchiveError(f"dtype {dtype!r} is not storable; choose one of {sorted(STORED_DTYPE)}")
+        if path.exists():
+            if not overwrite:
+                raise ArchiveError(f"{path} already exists; pass overwrite (--overwrite) to replace it, "
+                                   "or resume (--resume) to append to it")
+            shutil.rmtree(path)
+        layers = [int(x) for x in layers]
+        if not layers or len(set(layers)) != len(layers):
+            raise ArchiveError(f"layers must be a non-empty list of distinct indices, got {layers}")
+        stored = STORED_DTYPE[dtype]
+        ct = chunk_tokens or chunk_tokens_for(hidden_size, np.dtype(stored).itemsize)
+        tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+            root.attrs.update({
+                "schema": SCHEMA_VERSION,
+                **{k: attrs.get(k, {}) for k in ("model", "extraction", "dataset")},
+                **{k: v for k, v in attrs.items() if k not in ("model", "extraction", "dataset")},
+                "storage": {"dtype": stored, "source_dtype": dtype, "hidden_size": int(hidden_size),
+                            "chunk_tokens": ct, "chunks_per_shard": chunks_per_shard,
+                            "codec": {**DEFAULT_CODEC, **(codec or {})}, "created": _now()},
+                "archive_uuid": uuid.uuid4().hex,
+                "commit": {**{k: 0 for k in COMMIT_KEYS}, "generation": 0},
+            })
+            for modality in MODALITIES:
+                _create_modality(root, modality, layers, hidden_size, stored, dtype, ct, chunks_per_shard, codec)
+            samples = root.create_group(SAMPLES_GROUP)
+            for name, (dim, dt) in SAMPLE_VARIABLES.items():
+                _create_1d(samples, name, dim, dt)
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls.open_for_append(path, **writer_options)
+
+    @classmethod
+    def open_for_append(cls, path: str | Path, **writer_options) -> "ArchiveWriter":
+        """Open an existing archive for appending: take the lock, roll back any interrupted append."""
+        path = _local_path(path)
+        attrs = read_root_attrs(str(path))  # raises a clear ArchiveError for non-archives / versions
+        lock = WriterLock(path).acquire()
+        try:
+            group = zarr.open_group(zarr.storage.LocalStore(path), mode="r+", zarr_format=3)
+            rolled = _truncate_to_commit(group, attrs["commit"])
+            writer = cls(path, group, lock, **writer_options)
+            writer.rolled_back_tokens = rolled
+            return writer
+        except BaseException:
+            lock.release()
+            raise
+
+    # ----------------------------------------------------------------- appending
+    @property
+    def committed(self) -> dict:
+        return dict(self.attrs["commit"])
+
+    @property
+    def committed_sample_ids(self) -> list[str]:
+        n = self.attrs["commit"]["samples"]
+        return [str(x) for x in self.group[f"{SAMPLES_GROUP}/sample_id"][:n]] if n else []
+
+    def update_attrs(self, attrs: dict) -> None:
+        """Merge JSON attributes into the root; they land with the next commit (or flush)."""
+        self._pending_attrs.update(attrs)
+
+    def append(self, records: Sequence[SampleRecord]) -> None:
+        """Buffer records; commit when the buffer is large. Duplicate or malformed samples are refused."""
+        for rec in records:
+            rec.check(n_layers=len(self.layers), hidden_size=self.hidden_size,
+                      stored_dtype=self.stored_dtype, source_dtype=self.source_dtype)
+            if rec.sample_id in self._ids:
+                raise ArchiveError(f"sample {rec.sample_id!r} is already in {self.path} (sample ids must be "
+                                   "unique)")
+            self._ids.add(rec.sample_id)
+            self._buffer.append(rec)
+            self._buffered_bytes += rec.vision.nbytes + rec.text_hidden.nbytes
+        if self._buffered_bytes >= self.commit_bytes or len(self._buffer) >= self.commit_samples:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write everything buffered and commit it. On failure the archive keeps its last commit."""
+        if not self._buffer and not self._pending_attrs:
+            return
+        records, self._buffer, self._buffered_bytes = self._buffer, [], 0
+        before = self.committed
+        try:
+            new = _write_batch(self.group, before, records) if records else before
+            new = {**new, "generation": before["generation"] + 1}
+            update = {**self._pending_attrs, "commit": new}
+            self.group.attrs.update(update)  # the commit point: one atomic replace of zarr.json
+        except BaseException as exc:
+            for rec in records:
+                self._ids.discard(rec.sample_id)
+            try:
+                _truncate_to_commit(self.group, before)
+            except Exception:  # the next writer rolls back instead
+                pass
+            if isinstance(exc, OSError):
+                raise ArchiveError(f"writing to {self.path} failed ({exc}); the archive still holds its "
+                                   f"{before['samples']} committed samples and nothing of this batch") from exc
+            raise
+        self.attrs.update(update)
+        self._pending_attrs = {}
+
+    def close(self) -> None:
+        """Commit what is buffered and release the lock."""
+        try:
+            self.flush()
+        finally:
+            self._lock.release()
+
+    def abort(self) -> None:
+        """Drop what is buffered and release the lock (the archive keeps its last commit)."""
+        self._buffer, self._buffered_bytes = [], 0
+        self._lock.release()
+
+    def __enter__(self) -> "ArchiveWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# --------------------------------------------------------------------- helpers
+def _local_path(path: str | Path) -> Path:
+    if is_remote(str(path)):
+        raise ArchiveError(f"{path}: archives are written to a local directory; copy or sync it to remote "
+                           "storage afterwards (reading from URLs is supported)")
+    return Path(str(path).removeprefix("file://")).expanduser().absolute()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _create_modality(root: zarr.Group, modality: str, layers: list[int], hidden_size: int, stored: str,
+                     source: str, ct: int, cps: int, codec: dict | None) -> None:
+    grp = root.create_group(modality)
+    token_vars = TOKEN_VARIABLES[modality]
+    grp.create_array(
+        HIDDEN, shape=(len(layers), 0, hidden_size), dtype=stored, chunks=(1, ct, hidden_size),
+        shards=(1, ct * cps, hidden_size), compressors=hidden_compressors(codec), fill_value=0,
+        dimension_names=HIDDEN_DIMS,
+        attributes={"coordinates": " ".join(token_vars), "source_dtype": source,
+                    "long_name": f"{modality}-token hidden states"})
+    layer = grp.create_array("layer", shape=(len(layers),), dtype="int32", dimension_names=("layer",),
+                             attributes={"long_name": "index into the model's hidden_states tuple"})
+    layer[:] = np.asarray(layers, dtype="int32")
+    for name, dt in token_vars.items():
+        extra = {"flag_values": [int(r) for r in TextRole], "flag_meanings": ROLE_MEANINGS} if name == "role" else {}
+        _create_1d(grp, name, "token", dt, extra)
+
+
+def _create_1d(grp: zarr.Group, name: str, dim: str, dtype: str, attributes: dict | None = None) -> None:
+    compressors = [ZstdCodec(level=3), Crc32cCodec()] if dtype == "str" else index_compressors()
+    grp.create_array(name, shape=(0,), dtype=str if dtype == "str" else dtype, chunks=(INDEX_CHUNK,),
+                     compressors=compressors, dimension_names=(dim,), attributes=attributes or {})
+
+
+def _growing_arrays(group: zarr.Group):
+    """Yield (array, axis, commit key) for every array that grows with appends."""
+    for modality in MODALITIES:
+        yield group[f"{modality}/{HIDDEN}"], 1, f"{modality}_tokens"
+        for name in TOKEN_VARIABLES[modality]:
+            yield group[f"{modality}/{name}"], 0, f"{modality}_tokens"
+    for name in SAMPLE_VARIABLES:
+        yield group[f"{SAMPLES_GROUP}/{name}"], 0, commit_key_for(SAMPLES_GROUP, name)
+
+
+def _truncate_to_commit(group: zarr.Group, commit: dict) -> int:
+    """Shrink arrays an interrupted append left longer than the commit record; return tokens dropped."""
+    dropped = 0
+    for arr, axis, key in _growing_arrays(group):
+        if arr.shape[axis] > commit[key]:
+            if key.endswith("_tokens") and axis == 1:
+                dropped += arr.shape[axis] - commit[key]
+            shape = list(arr.shape)
+            shape[axis] = commit[key]
+            arr.resize(tuple(shape))
+    return dropped
+
+
+def _append_along(arr: zarr.Array, axis: int, start: int, values: np.ndarray) -> None:
+    shape = list(arr.shape)
+    shape[axis] = start + values.shape[axis]
+    arr.resize(tuple(shape))
+    if values.shape[axis]:
+        region = [slice(None)] * arr.ndim
+        region[axis] = slice(start, start + values.shape[axis])
+        arr[tuple(region)] = values
+
+
+def _write_batch(group: zarr.Group, commit: dict, records: list[SampleRecord]) -> dict:
+    """Write one batch's data past the commit record; return the record that would commit it."""
+    n0, v0, t0, i0 = (commit[k] for k in COMMIT_KEYS)
+    n_vis = np.array([r.n_vision for r in records], dtype=np.int64)
+    n_txt = np.array([r.n_text for r in records], dtype=np.int64)
+    n_inp = np.array([np.asarray(r.input_ids).size for r in records], dtype=np.int64)
+    rows = np.arange(n0, n0 + len(records), dtype=np.int64)
+    token_data = {
+        "vision": {HIDDEN: np.concatenate([r.vision for r in records], axis=1),
+                   "sample": np.repeat(rows, n_vis),
+                   "position": np.concatenate([np.asarray(r.vision_position) for r in records]).astype("int32")},
+        "text": {HIDDEN: np.concatenate([r.text_hidden for r in records], axis=1),
+                 "sample": np.repeat(rows, n_txt),
+                 "position": np.concatenate([np.asarray(r.text_position) for r in records]).astype("int32"),
+                 "token_id": np.concatenate([np.asarray(r.text_token_id) for r in records]).astype("int64"),
+                 "role": np.concatenate([np.asarray(r.text_role) for r in records]).astype("int8")},
+    }
+    starts = {"vision": v0, "text": t0}
+    for modality, variables in token_data.items():
+        for name, values in variables.items():
+            _append_along(group[f"{modality}/{name}"], 1 if name == HIDDEN else 0, starts[modality], values)
+    table = {
+        "sample_id": np.array([r.sample_id for r in records], dtype=object),
+        "image": np.array([r.image for r in records], dtype=object),
+        "text": np.array([r.text for r in records], dtype=object),
+        "vision_offset": v0 + np.concatenate([[0], np.cumsum(n_vis)[:-1]]),
+        "vision_count": n_vis,
+        "text_offset": t0 + np.concatenate([[0], np.cumsum(n_txt)[:-1]]),
+        "text_count": n_txt,
+        "input_offset": i0 + np.concatenate([[0], np.cumsum(n_inp)[:-1]]),
+        "input_length": n_inp,
+    }
+    for name, values in table.items():
+        _append_along(group[f"{SAMPLES_GROUP}/{name}"], 0, n0, values)
+    _append_along(group[f"{SAMPLES_GROUP}/input_ids"], 0, i0,
+                  np.concatenate([np.asarray(r.input_ids, dtype=np.int64) for r in records]))
+    return {"samples": n0 + len(records), "vision_tokens": v0 + int(n_vis.sum()),
+            "text_tokens": t0 + int(n_txt.sum()), "input_tokens": i0 + int(n_inp.sum())}
