@@ -42,10 +42,12 @@ class StoredArraySource:
         try:
             return self._open()[key]
         except Exception as exc:
+            hint = (" If it is served over HTTP, the server must honour Range requests (nginx, Apache, S3 and "
+                    "GCS do; `python -m http.server` does not)." if self.location.startswith("http") else "")
             raise ArchiveError(
                 f"{self.location}: array '{self.path}', region {_describe(key)} cannot be read "
                 f"({type(exc).__name__}: {exc}). The archive is damaged; run `mir validate {self.location}`."
-            ) from exc
+                + hint) from exc
 
     def __getstate__(self):
         return {**self.__dict__, "_array": None}
