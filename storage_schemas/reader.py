@@ -19,7 +19,7 @@ import zarr
 
 from .schema import (HIDDEN, HIDDEN_DIMS, MODALITIES, SAMPLE_VARIABLES, SAMPLES_GROUP, TEXT_SELECTIONS,
                      TOKEN_VARIABLES, ArchiveError, commit_key_for)
-from .store import is_writable_local, open_store, read_root_attrs
+from .store import check_codecs, is_writable_local, open_store, read_root_attrs
 
 SampleSpec = None | slice | Sequence[int] | np.ndarray | Sequence[str] | Callable[[xr.Dataset], np.ndarray]
 
@@ -71,7 +71,7 @@ class _Part:
         self.commit = self.attrs["commit"]
         try:
             self.group = zarr.open_group(store, mode="r", zarr_format=3)
-            self.layers = np.asarray(self.group["vision/layer"][:], dtype=np.int64)
+            self.layers = np.asarray(self._array("vision/layer")[:], dtype=np.int64)
             self.index = {m: {name: self._read_1d(f"{m}/{name}", f"{m}_tokens") for name in TOKEN_VARIABLES[m]}
                           for m in MODALITIES}
             self.table = {name: self._read_1d(f"{SAMPLES_GROUP}/{name}", commit_key_for(SAMPLES_GROUP, name))
@@ -80,9 +80,20 @@ class _Part:
             raise ArchiveError(f"{self.location}: array {exc} is missing; run `mir validate {self.location}`") from exc
         self.hidden = {m: self._hidden(m) for m in MODALITIES}
 
+    def _array(self, path: str) -> zarr.Array:
+        try:
+            arr = self.group[path]
+        except KeyError:
+            raise
+        except Exception as exc:
+            raise ArchiveError(f"{self.location}: the metadata of array '{path}' is unreadable "
+                               f"({type(exc).__name__}: {exc}); run `mir validate {self.location}`") from exc
+        check_codecs(arr, self.location, path)
+        return arr
+
     def _read_1d(self, path: str, key: str) -> np.ndarray:
         n = self.commit[key]
-        arr = self.group[path]
+        arr = self._array(path)
         if arr.shape[0] < n:
             raise ArchiveError(f"{self.location}: '{path}' holds {arr.shape[0]} entries but the commit record "
                                f"says {n}; the archive is damaged (run `mir validate`)")
@@ -90,7 +101,7 @@ class _Part:
             np.zeros(0, dtype=object if arr.dtype.kind in "OTU" else arr.dtype)
 
     def _hidden(self, modality: str) -> da.Array:
-        arr = self.group[f"{modality}/{HIDDEN}"]
+        arr = self._array(f"{modality}/{HIDDEN}")
         n = self.commit[f"{modality}_tokens"]
         if arr.shape[1] < n:
             raise ArchiveError(f"{self.location}: '{modality}/hidden' holds {arr.shape[1]} tokens but the commit "

@@ -72,3 +72,27 @@ def is_writable_local(location: str | Path) -> bool:
         return False
     path = Path(str(location).removeprefix("file://")).expanduser()
     return os.access(path, os.W_OK)
+
+
+# Codecs an archive may name. Anything else (e.g. numcodecs' pickle codec, which would run
+# code when decoding) is refused before a byte of data is decoded.
+ALLOWED_CODECS = frozenset({"bytes", "blosc", "zstd", "gzip", "crc32c", "sharding_indexed", "vlen-utf8",
+                            "transpose"})
+
+
+def check_codecs(array: zarr.Array, location: str, path: str) -> None:
+    """Refuse arrays whose codec pipeline names anything outside ALLOWED_CODECS."""
+    def names(codecs) -> list[str]:
+        found = []
+        for codec in codecs or ():
+            codec = codec if isinstance(codec, dict) else {"name": str(codec)}
+            found.append(codec.get("name", "?"))
+            config = codec.get("configuration") or {}
+            found += names(config.get("codecs")) + names(config.get("index_codecs"))
+        return found
+
+    meta = array.metadata.to_dict()
+    bad = sorted(set(names(meta.get("codecs"))) - ALLOWED_CODECS)
+    if bad:
+        raise ArchiveError(f"{location}: array '{path}' names codecs {bad}, which a mir archive never uses; "
+                           "refusing to decode it (an archive must not be able to run code on the reader)")

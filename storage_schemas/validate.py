@@ -13,7 +13,7 @@ import zarr
 
 from .schema import (HIDDEN, HIDDEN_DIMS, MODALITIES, SAMPLE_VARIABLES, SAMPLES_GROUP, TOKEN_VARIABLES,
                      ArchiveError, TextRole, commit_key_for)
-from .store import open_store, read_root_attrs
+from .store import check_codecs, open_store, read_root_attrs
 
 
 @dataclass
@@ -79,6 +79,11 @@ def _open_arrays(group: zarr.Group, report: ValidationReport) -> dict[str, zarr.
             continue
         if not isinstance(arr, zarr.Array):
             report.problems.append(f"'{path}' is a group, expected an array")
+            continue
+        try:
+            check_codecs(arr, report.location, path)
+        except ArchiveError as exc:
+            report.problems.append(str(exc))
             continue
         names = tuple(arr.metadata.dimension_names or ())
         if names != dims:

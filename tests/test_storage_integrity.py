@@ -16,7 +16,7 @@ import zarr
 from click.testing import CliRunner
 
 from pipelines.cli import main
-from storage_schemas import ArchiveWriter, open_archive, validate_archive
+from storage_schemas import ArchiveError, ArchiveWriter, open_archive, validate_archive
 from storage_schemas.synth import synthetic_records
 
 CHILD = Path(__file__).with_name("storage_writer_child.py")
@@ -164,3 +164,15 @@ def test_not_an_archive(tmp_path):
     (tmp_path / "empty").mkdir()
     assert "not a Zarr v3 group" in validate_archive(tmp_path / "empty").problems[0]
     assert "no archive there" in validate_archive(tmp_path / "nothing").problems[0]
+
+
+@pytest.mark.parametrize("codec", ["numcodecs.pickle", "numcodecs.zlib"])
+def test_an_archive_cannot_make_the_reader_run_foreign_codecs(archive, codec):
+    meta_path = archive / "samples" / "sample_id" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["codecs"] = [meta["codecs"][0], {"name": codec, "configuration": {}}]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ArchiveError, match="samples/sample_id"):
+        open_archive(archive)
+    report = validate_archive(archive)
+    assert any("samples/sample_id" in p for p in report.problems)
