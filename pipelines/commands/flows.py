@@ -1,0 +1,107 @@
+"""`mir demo`, `mir study`, `mir compare`: the end-to-end flows."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from storage_schemas import ArchiveError
+
+
+@click.command()
+@click.option("--out", default="mir-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the archive, mir.json and report.png.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(out, quiet):
+    """Run the whole pipeline on a tiny offline model and the shipped sample data (CPU, < 2 minutes)."""
+    from analyze import AnalysisError
+    from extract.errors import ExtractError
+    from pipelines.commands.analyze import format_result
+    from pipelines.demo import REAL_MODEL_HINT, run_demo
+
+    try:
+        done = run_demo(out, echo=click.echo, progress=not quiet and sys.stderr.isatty())
+    except (ArchiveError, AnalysisError, ExtractError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo("")
+    click.echo(format_result(done.result))
+    for w in done.result.warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo("")
+    click.echo(f"archive: {done.archive}\nresults: {done.json}\nreport:  {done.report}")
+    click.echo("")
+    click.echo(REAL_MODEL_HINT)
+
+
+@click.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Checkpoints extracted at once (separate processes).")
+@click.option("--devices", default=None, help="Comma-separated devices handed out to the extraction processes, "
+                                              "e.g. cuda:0,cuda:1 (overrides [extract] device).")
+@click.option("--scheduler", default=None, metavar="ADDRESS", help="Run the analyses on this dask.distributed "
+                                                                    "scheduler (overrides [analyze] scheduler).")
+def study(config, jobs, devices, scheduler):
+    """Extract and analyse every checkpoint listed in CONFIG (TOML); only new work is done on re-runs."""
+    from analyze import AnalysisError
+    from pipelines.config_args import ConfigArgsError
+    from pipelines.study import StudyError, run_study
+    from pipelines.study_config import StudyConfigError, load_study
+
+    try:
+        cfg = load_study(config)
+        outcomes = run_study(cfg, jobs=jobs, devices=devices.split(",") if devices else None, scheduler=scheduler,
+                             echo=click.echo)
+    except (StudyConfigError, ConfigArgsError, StudyError, ArchiveError, AnalysisError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo("")
+    click.echo(f"{'step':>8} {'checkpoint':<24} {'MIR':>9} {'95% CI':>19}  work")
+    for o in outcomes:
+        if o.result is None:
+            continue
+        b = o.result.get("bootstrap") or {}
+        ci = f"{b['ci_low']:.4f}-{b['ci_high']:.4f}" if b else "-"
+        work = ", ".join(w for w, done in (("extracted", o.extracted), ("analysed", o.analyzed)) if done) or "reused"
+        step = "-" if o.checkpoint.step is None else o.checkpoint.step
+        click.echo(f"{step:>8} {o.checkpoint.name:<24} {o.result['mir']:>9.5f} {ci:>19}  {work}")
+    click.echo(f"\nsummary: {cfg.out / 'summary.csv'}, {cfg.out / 'summary.json'}, {cfg.out / 'mir_by_step.png'}")
+
+
+@click.command()
+@click.argument("archives", nargs=-1, required=True)
+@click.option("--label", "labels", multiple=True, help="A name per archive (default: folder names).")
+@click.option("--layers", default=None, help="Layers (default: all decoder layers the archives share).")
+@click.option("--text-tokens", default="after-image", show_default=True,
+              type=click.Choice(["after-image", "response", "all"]))
+@click.option("--sqrt", "mode", default="exact", show_default=True,
+              type=click.Choice(["exact", "reference-fast", "reference-accurate"]))
+@click.option("--bootstrap", default=200, show_default=True, type=click.IntRange(min=0),
+              help="Bootstrap replicates for the intervals (0: none).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--scheduler", default=None, metavar="ADDRESS", help="dask.distributed scheduler address.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write results as JSON.")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Plot the per-layer curves together (PNG).")
+def compare(archives, labels, layers, text_tokens, mode, bootstrap, seed, scheduler, json_path, plot_path):
+    """Analyse several ARCHIVES on the sample ids they share, side by side, with the noise of each difference."""
+    from analyze import AnalysisError, AnalysisOptions, Runner
+    from pipelines.compare import compare_archives, format_comparison
+
+    runner = Runner(scheduler)
+    try:
+        result = compare_archives(list(archives), labels=list(labels) or None, layers=layers, text_tokens=text_tokens,
+                                  options=AnalysisOptions(mode=mode, bootstrap=bootstrap, seed=seed), runner=runner)
+    except (ArchiveError, AnalysisError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        runner.close()
+    click.echo(format_comparison(result))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    if plot_path:
+        from pipelines.report_plots import plot_layer_curves
+        plot_layer_curves({lab: (result.layers, [s["fd"] for s in r.layers], r.mir)
+                           for lab, r in zip(result.labels, result.results)}, plot_path)
+        click.echo(f"plot: {plot_path}")

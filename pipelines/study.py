@@ -1,0 +1,202 @@
+"""A retrospective study: MIR across the checkpoints of one training run.
+
+For each checkpoint: extract with the study's shared samples and settings (complete archives are
+skipped, partial ones resumed), analyse, then write summary.csv / summary.json and a plot of MIR
+against step. Re-running after new checkpoints appear does only the new work: extraction is
+skipped for complete archives and analysis for results whose archive fingerprint and settings
+are unchanged.
+
+Extraction runs as `mir extract` subprocesses (up to `jobs` at once, one per device when several
+are given), so each checkpoint's model is freed with its process; analysis runs in this process,
+on local threads or on a dask.distributed cluster.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from storage_schemas import ArchiveError, open_archive
+from storage_schemas.store import read_root_attrs
+
+from .config_args import parse_with, table_to_argv
+from .study_config import Checkpoint, StudyConfig
+
+SETTINGS_FILE = "study-settings.json"
+
+
+class StudyError(RuntimeError):
+    """A study step failed; the message names the checkpoint and where its log is."""
+
+
+@dataclass
+class CheckpointOutcome:
+    checkpoint: Checkpoint
+    archive: Path
+    extracted: bool = False
+    analyzed: bool = False
+    result: dict | None = None
+
+
+def archive_state(path: Path) -> str:
+    """'missing', 'partial' or 'complete', from the archive's own commit record and sample plan."""
+    if not path.exists():
+        return "missing"
+    try:
+        attrs = read_root_attrs(path)
+    except ArchiveError:
+        return "partial"  # let `mir extract --resume` say precisely what is wrong
+    planned = attrs.get("dataset", {}).get("shard_samples", attrs.get("dataset", {}).get("samples"))
+    return "complete" if planned is not None and attrs["commit"]["samples"] >= planned else "partial"
+
+
+def _extract_argv(config: StudyConfig) -> list[str]:
+    from .commands.extract import extract as extract_cmd
+
+    argv = table_to_argv(config.extract, extract_cmd, f"{config.source} [extract]")
+    parse_with(extract_cmd, ["--model", "M", "--out", "O", *argv], f"{config.source} [extract]")
+    return argv
+
+
+def _analyze_params(config: StudyConfig, archive: Path, scheduler: str | None) -> tuple[list[str], dict]:
+    from .commands.analyze import analyze_cmd
+
+    table = dict(config.analyze)
+    if scheduler:
+        table["scheduler"] = scheduler
+    argv = table_to_argv(table, analyze_cmd, f"{config.source} [analyze]")
+    params = parse_with(analyze_cmd, [str(archive), *argv], f"{config.source} [analyze]")
+    for output in ("json_path", "netcdf_path", "plot_path"):  # the study writes its own outputs
+        params.pop(output, None)
+    return argv, params
+
+
+def _check_settings_unchanged(out: Path, extract_argv: list[str]) -> None:
+    """Archives already made must come from the same [extract] settings as this run's."""
+    path = out / SETTINGS_FILE
+    if path.exists():
+        before = json.loads(path.read_text()).get("extract_argv")
+        if before != extract_argv and any((out / "archives").glob("*.zarr")):
+            raise StudyError(
+                f"the [extract] settings changed since {out} was made ({before} -> {extract_argv}); the "
+                "archives there would mix settings. Use a new [study] out folder, or delete its archives/.")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"extract_argv": extract_argv}, indent=2) + "\n")
+
+
+def _run_extraction(ckpt: Checkpoint, archive: Path, argv: list[str], device: str | None, log_dir: Path) -> None:
+    cmd = [sys.executable, "-m", "pipelines.cli", "extract", "--model", ckpt.path, "--out", str(archive), *argv,
+           "--quiet"]
+    if archive.exists():
+        cmd.append("--resume")
+    if device:
+        cmd += ["--device", device]
+    log = log_dir / f"{ckpt.name}.extract.log"
+    with open(log, "w") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = log.read_text().strip().splitlines()[-6:]
+        raise StudyError(f"extraction of checkpoint {ckpt.name} ({ckpt.path}) failed (exit {code}); log: {log}\n  "
+                         + "\n  ".join(tail))
+
+
+def run_study(config: StudyConfig, *, jobs: int = 1, devices: list[str] | None = None,
+              scheduler: str | None = None, echo: Callable[[str], None] = print) -> list[CheckpointOutcome]:
+    """Extract and analyse every checkpoint that needs it; write the summary files; return the outcomes."""
+    out = config.out
+    archives, results, logs = out / "archives", out / "results", out / "logs"
+    for d in (archives, results, logs):
+        d.mkdir(parents=True, exist_ok=True)
+    extract_argv = _extract_argv(config)
+    _check_settings_unchanged(out, extract_argv)
+    outcomes = [CheckpointOutcome(c, archives / f"{c.name}.zarr") for c in config.checkpoints]
+
+    pending = [o for o in outcomes if archive_state(o.archive) != "complete"]
+    echo(f"study: {len(outcomes)} checkpoints, {len(outcomes) - len(pending)} already extracted, "
+         f"{len(pending)} to extract")
+    failures: list[str] = []
+
+    def extract_one(args):
+        i, outcome = args
+        device = devices[i % len(devices)] if devices else None
+        echo(f"extracting {outcome.checkpoint.name}" + (f" on {device}" if device else ""))
+        _run_extraction(outcome.checkpoint, outcome.archive, extract_argv, device, logs)
+        outcome.extracted = True
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for future in [pool.submit(extract_one, item) for item in enumerate(pending)]:
+            try:
+                future.result()
+            except StudyError as exc:
+                failures.append(str(exc))
+
+    from .commands.analyze import run_analysis
+
+    for outcome in outcomes:
+        if archive_state(outcome.archive) != "complete":
+            continue
+        argv, params = _analyze_params(config, outcome.archive, scheduler)
+        result_path = results / f"{outcome.checkpoint.name}.json"
+        fingerprint = open_archive(outcome.archive).fingerprint
+        if result_path.exists():
+            cached = json.loads(result_path.read_text())
+            if cached.get("archive_fingerprint") == fingerprint and cached.get("analyze_argv") == argv:
+                outcome.result = cached["result"]
+                continue
+        echo(f"analysing {outcome.checkpoint.name}")
+        result = run_analysis(**params).to_json()
+        tmp = result_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"archive_fingerprint": fingerprint, "analyze_argv": argv, "result": result},
+                                  indent=1))
+        tmp.replace(result_path)  # a killed study never leaves a half-written result
+        outcome.result, outcome.analyzed = result, True
+
+    write_summary(out, outcomes)
+    if failures:
+        raise StudyError("\n".join(failures))
+    return outcomes
+
+
+def summary_rows(outcomes: list[CheckpointOutcome]) -> list[dict]:
+    rows = []
+    for o in outcomes:
+        if o.result is None:
+            continue
+        r, boot = o.result, o.result.get("bootstrap") or {}
+        rows.append({
+            "step": o.checkpoint.step, "checkpoint": o.checkpoint.name, "path": o.checkpoint.path,
+            "archive": str(o.archive), "mir": r["mir"], "ci_low": boot.get("ci_low"), "ci_high": boot.get("ci_high"),
+            "mode": r["mode"], "n_samples": r["n_samples"],
+            "fd": {str(layer["layer"]): layer["fd"] for layer in r["layers"]},
+        })
+    return rows
+
+
+def write_summary(out: Path, outcomes: list[CheckpointOutcome]) -> list[dict]:
+    rows = summary_rows(outcomes)
+    (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    layers = sorted({int(k) for row in rows for k in row["fd"]})
+    with open(out / "summary.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["step", "checkpoint", "mir", "ci_low", "ci_high", "mode", "n_samples"]
+                        + [f"fd_layer_{k}" for k in layers])
+        for row in rows:
+            writer.writerow([row["step"], row["checkpoint"], _num(row["mir"]), _num(row["ci_low"]),
+                             _num(row["ci_high"]), row["mode"], row["n_samples"]]
+                            + [_num(row["fd"].get(str(k))) for k in layers])
+    if rows:
+        from .report_plots import plot_mir_by_step
+        plot_mir_by_step(rows, out / "mir_by_step.png")
+    return rows
+
+
+def _num(x) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(float(x))

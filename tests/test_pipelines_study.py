@@ -1,0 +1,103 @@
+"""`mir study` over tiny checkpoints: only new work on re-runs, summary equal to direct analyses."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipelines.cli import main
+
+SIZE = dict(hidden=32, layers=3)
+
+
+def _checkpoint(run: Path, step: int) -> Path:
+    from extract.tiny_models import TinySize, build_tiny_model
+    return build_tiny_model(run / f"checkpoint-{step}", family="llava", seed=step, size=TinySize(**SIZE))
+
+
+def _images_and_texts(root: Path) -> tuple[Path, Path]:
+    from PIL import Image
+    images, texts = root / "images", root / "texts"
+    images.mkdir()
+    texts.mkdir()
+    for i in range(6):
+        Image.new("RGB", (40 + 8 * i, 32), (40 * i, 255 - 30 * i, 90)).save(images / f"im{i}.png")
+        (texts / f"t{i}.txt").write_text(f"Story number {i}. " + "The council met on Tuesday. " * (i + 1))
+    return images, texts
+
+
+@pytest.fixture()
+def study_dir(tmp_path):
+    run = tmp_path / "run"
+    for step in (100, 200, 300):
+        _checkpoint(run, step)
+    images, texts = _images_and_texts(tmp_path)
+    config = tmp_path / "study.toml"
+    config.write_text(f"""
+[study]
+out = "out"
+checkpoints = "run/checkpoint-*"
+
+[extract]
+images = "{images.name}"
+texts = "{texts.name}"
+num = 5
+batch-size = 2
+device = "cpu"
+
+[analyze]
+bootstrap = 30
+seed = 1
+no-cache = true
+""")
+    return tmp_path, config
+
+
+def test_study_does_only_new_work_and_matches_direct_analysis(study_dir):
+    root, config = study_dir
+    runner = CliRunner()
+    first = runner.invoke(main, ["study", str(config)])
+    assert first.exit_code == 0, first.output
+    assert "3 to extract" in first.output
+    archives = root / "out" / "archives"
+    mtimes = {p.name: (p / "zarr.json").stat().st_mtime_ns for p in archives.iterdir()}
+    assert sorted(mtimes) == ["checkpoint-100.zarr", "checkpoint-200.zarr", "checkpoint-300.zarr"]
+
+    _checkpoint(root / "run", 400)
+    second = runner.invoke(main, ["study", str(config)])
+    assert second.exit_code == 0, second.output
+    assert "3 already extracted, 1 to extract" in second.output
+    assert second.output.count("extracting ") == 1 and "extracting checkpoint-400" in second.output
+    assert second.output.count("analysing ") == 1
+    for name, mtime in mtimes.items():  # untouched
+        assert (archives / name / "zarr.json").stat().st_mtime_ns == mtime
+
+    rows = list(csv.DictReader(open(root / "out" / "summary.csv")))
+    assert [int(r["step"]) for r in rows] == [100, 200, 300, 400]
+    summary = json.loads((root / "out" / "summary.json").read_text())
+    assert (root / "out" / "mir_by_step.png").stat().st_size > 0
+    for row, js in zip(rows, summary):
+        direct = runner.invoke(main, ["analyze", js["archive"], "--bootstrap", "30", "--seed", "1", "--no-cache",
+                                      "--json", "-"])
+        assert direct.exit_code == 0, direct.output
+        expected = json.loads(direct.stdout)
+        assert float(row["mir"]) == pytest.approx(expected["mir"], abs=1e-12)
+        assert float(row["ci_low"]) == pytest.approx(expected["bootstrap"]["ci_low"], abs=1e-12)
+        assert [js["fd"][str(layer["layer"])] for layer in expected["layers"]] == \
+            pytest.approx([layer["fd"] for layer in expected["layers"]], rel=1e-12)
+    assert len({r["mir"] for r in rows}) == 4  # different weights, different MIR
+
+
+def test_study_config_errors_are_clear(study_dir):
+    root, config = study_dir
+    text = config.read_text().replace("batch-size = 2", "batch-sise = 2")
+    config.write_text(text)
+    result = CliRunner().invoke(main, ["study", str(config)])
+    assert result.exit_code != 0
+    assert "[extract]: unknown setting 'batch-sise'" in result.output
+    config.write_text(text.replace("batch-sise = 2", "batch-size = \"two\""))
+    result = CliRunner().invoke(main, ["study", str(config)])
+    assert result.exit_code != 0 and "[extract]" in result.output and "two" in result.output
