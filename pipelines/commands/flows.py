@@ -81,7 +81,8 @@ def study(config, jobs, devices, scheduler):
               help="Bootstrap replicates for the intervals (0: none).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="dask.distributed scheduler address.")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write results as JSON.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help="Write results as JSON ('-' for stdout, instead of the table).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Plot the per-layer curves together (PNG).")
 def compare(archives, labels, layers, text_tokens, mode, bootstrap, seed, scheduler, json_path, plot_path):
@@ -97,9 +98,13 @@ def compare(archives, labels, layers, text_tokens, mode, bootstrap, seed, schedu
         raise click.ClickException(str(exc)) from exc
     finally:
         runner.close()
+    text = json.dumps(result.to_json(), indent=2)
+    if json_path == "-":
+        click.echo(text)
+        return
     click.echo(format_comparison(result))
     if json_path:
-        Path(json_path).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        Path(json_path).write_text(text + "\n")
     if plot_path:
         from pipelines.report_plots import plot_layer_curves
         plot_layer_curves({lab: (result.layers, [s["fd"] for s in r.layers], r.mir)
