@@ -63,13 +63,17 @@ def test_compare_flags_real_differences_and_not_identical_ones(archives, tmp_pat
 
 
 def test_compare_uses_only_shared_samples(archives, tmp_path):
-    a, _, b = archives
+    a = archives[0]
     part = tmp_path / "part.zarr"
-    from storage_schemas import merge_archives
-    merge_archives([b], part)  # same samples ...
+    records = list(synthetic_records(layers=3, hidden=24, samples=24, vision_tokens=12, text_tokens=10, seed=0))
+    with ArchiveWriter.create(part, layers=range(4), hidden_size=24, dtype="float16", attrs={}) as writer:
+        writer.append(records[5:20])  # 15 of the 24 samples
     result = CliRunner().invoke(main, ["compare", str(a), str(part), "--bootstrap", "0", "--json", "-"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["shared_samples"] == 24
+    data = json.loads(result.stdout)
+    assert data["shared_samples"] == 15
+    assert data["differences"][0]["difference"] == pytest.approx(0.0, abs=1e-9)  # the same 15 samples
+    assert data["archives"][0]["n_samples"] == 15
 
 
 def _mir(location, **kw):
