@@ -29,6 +29,7 @@ class Sample:
     image_path: Path
     text_path: Path | None = None
     text: str | None = None
+    key: str = ""  # location-independent identity (names relative to the sources), for the list hash
 
     @property
     def image_ref(self) -> str:
@@ -52,11 +53,14 @@ class SampleList:
 
     @property
     def hash(self) -> str:
-        """sha256 over ids, references and file sizes: changes when the list or a file's size does."""
+        """sha256 over the ordered ids and references, relative to the sources (so the same data
+        mounted elsewhere, e.g. on another node of a sharded run, hashes the same).
+
+        File contents are not hashed, so a corrupt file can be replaced and the run resumed.
+        """
         h = hashlib.sha256()
         for s in self.samples:
-            row = [s.sample_id, s.image_ref, _size(s.image_path), s.text_ref,
-                   _size(s.text_path) if s.text_path is not None else None]
+            row = [s.sample_id, s.key or [s.image_ref, s.text_ref]]
             h.update(json.dumps(row).encode() + b"\n")
         return "sha256:" + h.hexdigest()
 
@@ -67,13 +71,6 @@ class SampleList:
         n = len(self.samples)
         bounds = [round(i * n / count) for i in range(count + 1)]
         return SampleList(self.samples[bounds[index - 1]:bounds[index]], self.sources)
-
-
-def _size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return None
 
 
 def _list_files(directory: Path, suffixes: tuple[str, ...], what: str) -> list[Path]:
@@ -107,21 +104,17 @@ def from_directories(images: str | Path, texts: str | Path, *, num: int | None =
     """
     image_files = _list_files(Path(images), IMAGE_SUFFIXES, "image")
     text_files = _list_files(Path(texts), TEXT_SUFFIXES, "text")
-    if seed is None:
-        n = min(len(image_files), len(text_files))
-        idx_i = idx_t = _draw(n, num, None, "image-text pairs")
-    else:
+    n_pairs = min(len(image_files), len(text_files))
+    idx_i = _draw(n_pairs, num, None, "image-text pairs")
+    idx_t = idx_i
+    if seed is not None:
         rng = np.random.default_rng(seed)
-        n = min(len(image_files), len(text_files))
-        num_ = n if num is None else num
-        if num_ < 1 or num_ > n:
-            raise DataError(f"--num {num_} must lie in 1..{n} (the number of image-text pairs available)")
-        idx_i = rng.choice(len(image_files), size=num_, replace=False)
-        idx_t = rng.choice(len(text_files), size=num_, replace=False)
+        idx_i = rng.choice(len(image_files), size=idx_i.size, replace=False)
+        idx_t = rng.choice(len(text_files), size=idx_i.size, replace=False)
     samples = tuple(
         Sample(sample_id=f"{image_files[i].name}|{text_files[t].name}", image_path=image_files[i].resolve(),
-               text_path=text_files[t].resolve())
-        for i, t in zip(idx_i.tolist(), idx_t.tolist())
+               text_path=text_files[t].resolve(), key=json.dumps([image_files[i].name, text_files[t].name]))
+        for i, t in zip(idx_i.tolist(), idx_t.tolist(), strict=True)
     )
     sources = {"images": str(Path(images).resolve()), "texts": str(Path(texts).resolve()),
                "n_images": len(image_files), "n_texts": len(text_files), "num": len(samples), "seed": seed,
@@ -162,7 +155,8 @@ def from_manifest(manifest: str | Path, *, num: int | None = None, seed: int | N
             raise DataError(f'{where}: "text" must be a string')
         rows.append(Sample(sample_id=sid, image_path=(base / str(row["image"])).resolve(),
                            text_path=(base / str(text_file)).resolve() if text_file is not None else None,
-                           text=None if text_file is not None else text))
+                           text=None if text_file is not None else text,
+                           key=json.dumps([str(row["image"]), text_file, text])))
     if not rows:
         raise DataError(f"{manifest}: the manifest has no rows")
     idx = _draw(len(rows), num, seed, "manifest rows")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,20 @@ def _qwen2_vl_processor_class() -> type:
 
 
 ImageOnlyQwen2VLProcessor = _qwen2_vl_processor_class()
+
+
+@contextmanager
+def quiet_transformers():
+    """Silence transformers' per-file progress bars (mir extract shows its own)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 @dataclass
@@ -118,7 +133,8 @@ def weights_hash(directory: str | Path) -> str | None:
     return "sha256:" + h.hexdigest()
 
 
-def _load_processor(name_or_path: str, config: Any, *, trust_remote_code: bool, revision: str | None) -> tuple[Any, str]:
+def _load_processor(name_or_path: str, config: Any, *, trust_remote_code: bool,
+                    revision: str | None) -> tuple[Any, str]:
     from transformers import AutoProcessor
 
     kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
@@ -151,26 +167,20 @@ def _model_class(config: Any) -> Any:
     return transformers.AutoModelForImageTextToText
 
 
-def load_model(
-    name_or_path: str,
-    *,
-    device: str = "cpu",
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-    revision: str | None = None,
-    attn_implementation: str | None = None,
-) -> ModelInfo:
-    """Load model and processor from a local directory or a hub id, ready for forward passes.
+def load_processor(name_or_path: str, *, trust_remote_code: bool = False,
+                   revision: str | None = None) -> tuple[Any, Any, int]:
+    """Config, processor and image token id, without loading weights (for dry runs)."""
+    with quiet_transformers():
+        config, processor, image_token_id, _ = _config_and_processor(
+            name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    return config, processor, image_token_id
 
-    `dtype` is "auto" (what the checkpoint says), "float32", "float16" or "bfloat16".
-    `trust_remote_code` stays off unless the caller asks.
-    """
-    import torch
-    import transformers
+
+def _config_and_processor(name_or_path: str, *, trust_remote_code: bool,
+                          revision: str | None) -> tuple[Any, Any, int, str]:
     from transformers import AutoConfig
 
-    is_local = Path(name_or_path).is_dir()
-    if not is_local and Path(name_or_path).exists():
+    if not Path(name_or_path).is_dir() and Path(name_or_path).exists():
         raise ModelError(f"{name_or_path}: not a model directory")
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
@@ -195,6 +205,38 @@ def load_model(
     tokenizer.padding_side = "right"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return config, processor, image_token_id, processor_kind
+
+
+
+def load_model(name_or_path: str, **kwargs: Any) -> ModelInfo:
+    """Load model and processor from a local directory or a hub id, ready for forward passes.
+
+    Keyword arguments: `device` ("cpu", "cuda", "cuda:1", ...), `dtype` ("auto" = what the
+    checkpoint says, "float32", "float16", "bfloat16"), `trust_remote_code` (off unless asked),
+    `revision`, `attn_implementation`.
+    """
+    with quiet_transformers():
+        return _load_model(name_or_path, **kwargs)
+
+
+def _load_model(
+    name_or_path: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+) -> ModelInfo:
+    import torch
+    import transformers
+    from transformers.utils import is_accelerate_available
+
+    is_local = Path(name_or_path).is_dir()
+    config, processor, image_token_id, processor_kind = _config_and_processor(
+        name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    image_token = processor.image_token
 
     if dtype not in ("auto", "float32", "float16", "bfloat16"):
         raise ModelError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
@@ -205,8 +247,8 @@ def load_model(
     }
     if attn_implementation:
         load_kwargs["attn_implementation"] = attn_implementation
-    if device != "cpu":
-        load_kwargs["device_map"] = {"": device}
+    if device != "cpu" and is_accelerate_available():
+        load_kwargs["device_map"] = {"": device}  # straight onto the device, no full copy in host memory
     try:
         model = _model_class(config).from_pretrained(name_or_path, **load_kwargs)
     except Exception as exc:  # noqa: BLE001
@@ -214,8 +256,8 @@ def load_model(
     model = model.to(device).eval()
     param = next(model.parameters())
     text_config = _text_config(model.config)
-    num_layers = int(getattr(text_config, "num_hidden_layers"))
-    hidden_size = int(getattr(text_config, "hidden_size"))
+    num_layers = int(text_config.num_hidden_layers)
+    hidden_size = int(text_config.hidden_size)
     model_dtype = str(param.dtype).removeprefix("torch.")
 
     revision_used = revision or getattr(config, "_commit_hash", None)

@@ -74,6 +74,9 @@ class TinySize:
     vision_hidden: int = 32
     vision_layers: int = 2
     vision_heads: int = 4
+    image_size: int = 32   # vision tower input side (LLaVA, LLaVA-NeXT, Idefics3 tiles)
+    patch: int = 8         # (image_size / patch)^2 image tokens per LLaVA-1.5 image
+    vocab_size: int = 0    # model vocabulary (0: just the tokenizer's; larger adds unused rows)
 
 
 def _train_tokenizer(special_tokens: list[str], vocab_size: int = 320):
@@ -141,8 +144,8 @@ def _clip_vision_config(size: TinySize, image_size: int, patch: int) -> Any:
     )
 
 
-def _vocab_size(tokenizer) -> int:
-    return 64 * ((len(tokenizer) + 63) // 64)
+def _vocab_size(tokenizer, size: TinySize) -> int:
+    return max(64 * ((len(tokenizer) + 63) // 64), size.vocab_size)
 
 
 def _llava_tokenizer():
@@ -154,11 +157,11 @@ def _llava_tokenizer():
 def _build_llava(size: TinySize):
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-    image_size, patch = 32, 8
+    image_size, patch = size.image_size, size.patch
     tokenizer = _llava_tokenizer()
     config = LlavaConfig(
         vision_config=_clip_vision_config(size, image_size, patch),
-        text_config=_llama_text_config(size, _vocab_size(tokenizer), tokenizer),
+        text_config=_llama_text_config(size, _vocab_size(tokenizer, size), tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
@@ -186,12 +189,12 @@ def _build_llava_next(size: TinySize):
         LlavaNextProcessor,
     )
 
-    image_size, patch = 32, 8
-    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    image_size, patch = size.image_size, size.patch
+    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
     tokenizer = _llava_tokenizer()
     config = LlavaNextConfig(
         vision_config=_clip_vision_config(size, image_size, patch),
-        text_config=_llama_text_config(size, _vocab_size(tokenizer), tokenizer),
+        text_config=_llama_text_config(size, _vocab_size(tokenizer, size), tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
@@ -230,7 +233,7 @@ def _build_qwen2_vl(size: TinySize):
     mrope = [half - 2 * (half // 4), half // 4, half // 4]
     config = Qwen2VLConfig(
         text_config=dict(
-            vocab_size=_vocab_size(tokenizer),
+            vocab_size=_vocab_size(tokenizer, size),
             hidden_size=size.hidden,
             intermediate_size=size.intermediate,
             num_hidden_layers=size.layers,
@@ -276,7 +279,7 @@ def _build_idefics3(size: TinySize):
         Idefics3VisionConfig,
     )
 
-    image_size, patch, scale = 32, 8, 2
+    image_size, patch, scale = size.image_size, size.patch, 2
     rowcol = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
     specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>",
                 "<image>", "<global-img>", *rowcol]
@@ -292,7 +295,7 @@ def _build_idefics3(size: TinySize):
             image_size=image_size,
             patch_size=patch,
         ),
-        text_config=_llama_text_config(size, _vocab_size(tokenizer), tokenizer),
+        text_config=_llama_text_config(size, _vocab_size(tokenizer, size), tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         scale_factor=scale,
     )
@@ -341,9 +344,12 @@ def build_tiny_model(
         torch.manual_seed(seed)
         model, processor = _BUILDERS[family](size)
         _reinit_small(model, seed)
+    from .loading import quiet_transformers
+
     model = model.to(getattr(torch, dtype)).eval()
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
+    with quiet_transformers():
+        model.save_pretrained(directory)
+        processor.save_pretrained(directory)
     if family == "qwen2_vl":
         _mark_image_only(directory)
     return directory
@@ -366,8 +372,11 @@ def _reinit_small(model: torch.nn.Module, seed: int) -> None:
 
 
 def _mark_image_only(directory: Path) -> None:
-    """Note in processor_config.json that this Qwen2-VL checkpoint ships no video processor."""
-    path = directory / "processor_config.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data["processor_class"] = "Qwen2VLProcessor"
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Name the stock Qwen2VLProcessor in the saved files (not the image-only subclass they were
+    written by), so the directory looks like a real checkpoint; loading falls back as for one."""
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        path = directory / name
+        if path.exists():
+            data = json.loads(path.read_text())
+            data["processor_class"] = "Qwen2VLProcessor"
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -14,6 +14,13 @@ LAZY_COMMANDS: dict[str, str] = {
     "synth": "pipelines.commands.archive:synth",
     "inspect": "pipelines.commands.archive:inspect_cmd",
     "validate": "pipelines.commands.archive:validate",
+    "analyze": "pipelines.commands.analyze:analyze_cmd",
+    "stats": "pipelines.commands.analyze:stats_cmd",
+    "extract": "pipelines.commands.extract:extract",
+    "merge": "pipelines.commands.extract:merge",
+    "demo": "pipelines.commands.flows:demo",
+    "study": "pipelines.commands.flows:study",
+    "compare": "pipelines.commands.flows:compare",
 }
 
 

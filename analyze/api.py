@@ -1,0 +1,249 @@
+"""`analyze_selection`: MIR and the related statistics of a Selection, with cache and bootstrap.
+
+Layers are processed in groups sized to the memory budget: for each group the sufficient
+statistics are read from the cache or computed (engine), written to the cache, turned into numbers
+and, for the bootstrap, into per-replicate FDs; then dropped. So memory holds one group's d x d
+statistics, however many layers and samples there are.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+
+import numpy as np
+import xarray as xr
+
+from . import bootstrap as boot
+from .cache import StatsCache
+from .engine import STATS_VERSION, compute_stats, sample_blocks
+from .errors import AnalysisError
+from .frechet import SQRT_MODES
+from .results import layer_summary, to_dataset
+from .runner import Runner
+
+log = logging.getLogger(__name__)
+MIN_STABLE_SAMPLES = 20  # the MIR paper (Table 6) reports MIR stable from N >= 20
+BASE_MEMORY = 400 * 2**20  # interpreter, libraries, Dask bookkeeping
+
+
+@dataclass
+class AnalysisOptions:
+    mode: str = "exact"  # trace term: exact | reference-fast | reference-accurate
+    precision: str = "float32"  # Gram products (float64 accumulation either way)
+    bootstrap: int = 0  # replicates; 0 = none
+    seed: int = 0
+    blocks: int = 20  # sample blocks kept for the bootstrap
+    cache: bool = True
+    cache_dir: str | None = None
+    memory_limit: int | None = None  # bytes; None = half the machine's memory
+
+    def validate(self) -> None:
+        if self.mode not in SQRT_MODES:
+            raise AnalysisError(f"unknown --sqrt mode {self.mode!r}; choose one of {', '.join(SQRT_MODES)}")
+        if self.bootstrap < 0 or self.blocks < 1:
+            raise AnalysisError("--bootstrap and --bootstrap-blocks must be positive")
+
+
+@dataclass
+class AnalysisResult:
+    mir: float
+    mode: str
+    dataset: xr.Dataset
+    layers: list[dict]
+    n_samples: int
+    n_vision_tokens: int
+    n_text_tokens: int
+    settings: dict
+    bootstrap: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+    cache: dict = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    def to_json(self) -> dict:
+        layers = []
+        for s in self.layers:
+            row = {k: v for k, v in s.items() if k not in ("vision", "text")}
+            for m in ("vision", "text"):
+                row[m] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in s[m].items()}
+            layers.append(_json_safe(row))
+        return _json_safe({
+            "mir": self.mir, "mode": self.mode, "n_samples": self.n_samples, "n_vision_tokens": self.n_vision_tokens,
+            "n_text_tokens": self.n_text_tokens, "layers": layers, "bootstrap": self.bootstrap,
+            "warnings": self.warnings, "settings": self.settings, "cache": self.cache, "elapsed_s": self.elapsed_s,
+            "versions": versions(),
+        })
+
+
+def _json_safe(obj):
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("mir-pipeline", "numpy", "scipy", "dask", "distributed", "zarr", "xarray"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _memory_plan(selection, workers: int, memory_limit: int | None) -> tuple[int, int]:
+    """(bytes left for d x d statistics after the workers' blocks, bytes of one layer's statistics per block)."""
+    d = int(selection.archive.hidden_size)
+    if memory_limit is None:
+        memory_limit = _physical_memory() // 2
+    chunk = max(selection.vision.data.chunksize[1], selection.text.data.chunksize[1]) * d * \
+        selection.vision.dtype.itemsize
+    working = workers * chunk * 4 + BASE_MEMORY  # a block, its float32/64 pieces, results in flight
+    return memory_limit - working, 2 * 3 * d * d * 8  # both modalities, ~3 copies while merging
+
+
+def bootstrap_blocks(selection, wanted: int, workers: int, memory_limit: int | None) -> int:
+    """Sample blocks kept for the bootstrap: as asked, unless one layer's statistics would not fit."""
+    room, per_block = _memory_plan(selection, workers, memory_limit)
+    fit = max(2, int(room // per_block))
+    k = len(sample_blocks(selection.sample_index, min(wanted, fit)))
+    if k < min(wanted, len(selection.sample_index)):
+        log.warning("keeping %d sample blocks instead of %d for the bootstrap: 2 x K x d^2 x 8 bytes per layer "
+                    "must fit the memory budget (raise --memory-limit for more)", k, wanted)
+    return k
+
+
+def layer_groups(selection, layers: list[int], blocks: int, workers: int, memory_limit: int | None) -> list[list[int]]:
+    """Split layers so a group's d x d statistics and per-token norms (float64) and outlier flags fit the
+    memory budget next to the workers' blocks."""
+    room, per_block = _memory_plan(selection, workers, memory_limit)
+    tokens = int(selection.vision.sizes["token"]) + int(selection.text.sizes["token"])
+    per_layer = per_block * max(blocks, 1) + 9 * tokens
+    if room < per_layer:
+        log.warning("memory budget is below the estimated need for one layer (%.2f GB more); going on",
+                    (per_layer - room) / 1e9)
+    size = max(1, int(room // per_layer))
+    return [layers[i:i + size] for i in range(0, len(layers), size)]
+
+
+def _physical_memory() -> int:
+    try:
+        import os
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def _cache_key(selection, layer: int, blocks: int, precision: str) -> dict:
+    sel = {k: v for k, v in selection.key.items() if k != "layers"}
+    return {"stats_version": STATS_VERSION, "selection": sel, "layer": int(layer), "blocks": int(blocks),
+            "precision": precision}
+
+
+def _group_stats(selection, group: list[int], blocks: int, precision: str, cache: StatsCache | None,
+                 runner: Runner, hits: list[int]) -> dict:
+    """Sufficient statistics of a group of layers: from the cache where present, else computed and cached."""
+    keys = {layer: _cache_key(selection, layer, blocks, precision) for layer in group}
+    stats = {}
+    if cache is not None:
+        for layer in group:
+            found = cache.load(keys[layer])
+            if found is not None:
+                stats[layer] = found
+                hits.append(layer)
+    missing = [layer for layer in group if layer not in stats]
+    if missing:
+        for layer, st in compute_stats(selection, missing, blocks=blocks, precision=precision, runner=runner).items():
+            if cache is not None:
+                cache.store(keys[layer], st)
+            stats[layer] = st
+    return stats
+
+
+def analyze_selection(selection, options: AnalysisOptions | None = None, *, runner: Runner | None = None,
+                      layers: list[int] | None = None) -> AnalysisResult:
+    """MIR of a Selection (storage_schemas), computed out of core; see MIR_SPEC for the definition."""
+    options = options or AnalysisOptions()
+    options.validate()
+    start = time.perf_counter()
+    runner = runner or Runner()
+    layers = [int(x) for x in (selection.layers if layers is None else layers)]
+    if not layers:
+        raise AnalysisError("no layers selected")
+    n_samples = int(len(selection.sample_index))
+    if n_samples == 0:
+        raise AnalysisError("the selection holds no samples")
+    blocks = bootstrap_blocks(selection, options.blocks, runner.workers, options.memory_limit) \
+        if options.bootstrap else 1
+    weights = boot.bootstrap_weights(options.bootstrap, blocks, options.seed) if options.bootstrap else None
+    cache = StatsCache.for_archive(selection.archive, options.cache_dir) if options.cache else None
+    summaries, fd_reps, hits = {}, {}, []
+    for group in layer_groups(selection, layers, blocks, runner.workers, options.memory_limit):
+        stats = _group_stats(selection, group, blocks, options.precision, cache, runner, hits)
+        found = runner.map(lambda st: layer_summary(st, options.mode), [stats[layer] for layer in group])
+        summaries.update(zip(group, found))
+        if weights is not None:
+            for layer in group:
+                fd_reps[layer] = boot.replicate_fds(stats[layer], options.mode, weights, runner.map)
+    ordered = [summaries[layer] for layer in layers]
+    total = sum(s["fd"] for s in ordered)
+    mir = math.log10(total) if total > 0 else math.nan
+    settings = {**asdict(options), "layers": layers, "blocks_kept": blocks, "text_tokens": selection.text_tokens,
+                "archive": selection.archive.paths, "archive_fingerprint": selection.archive.fingerprint,
+                "selection": selection.key, "scheduler": runner.describe()}
+    result = AnalysisResult(
+        mir=mir, mode=options.mode, dataset=None, layers=ordered, n_samples=n_samples,
+        n_vision_tokens=int(selection.vision.sizes["token"]), n_text_tokens=int(selection.text.sizes["token"]),
+        settings=settings,
+        cache={"location": str(cache.directory) if cache else None, "layers_reused": hits},
+    )
+    if weights is not None:
+        result.bootstrap = boot.summarize(np.stack([fd_reps[layer] for layer in layers], axis=1), options.seed,
+                                          blocks)
+    result.warnings = _warnings(result, total)
+    result.elapsed_s = time.perf_counter() - start
+    result.dataset = to_dataset(ordered, _dataset_attrs(result))
+    return result
+
+
+def _dataset_attrs(result: AnalysisResult) -> dict:
+    import json
+    attrs = {"mir": result.mir, "sqrt_mode": result.mode, "n_samples": result.n_samples,
+             "n_vision_tokens": result.n_vision_tokens, "n_text_tokens": result.n_text_tokens,
+             "settings": json.dumps(_json_safe(result.settings)), "versions": json.dumps(versions())}
+    if result.bootstrap:
+        attrs.update({"mir_ci_low": result.bootstrap["ci_low"], "mir_ci_high": result.bootstrap["ci_high"],
+                      "bootstrap_replicates": result.bootstrap["replicates"]})
+    return attrs
+
+
+def _warnings(result: AnalysisResult, total: float) -> list[str]:
+    out = []
+    if result.n_samples < MIN_STABLE_SAMPLES:
+        out.append(f"only {result.n_samples} samples: the MIR paper reports MIR stable from N >= "
+                   f"{MIN_STABLE_SAMPLES} samples; treat this value as noisy")
+    if not total > 0:
+        out.append(f"the sum of per-layer FDs is {total:.6g} (not positive): MIR = log10(sum) is undefined")
+    if result.mode == "reference-fast":
+        out.append("reference-fast reproduces the reference code's fast mode, whose iteration starts at a fixed "
+                   "point: its trace term is tr(C_V C_T), not tr((C_V C_T)^1/2); the value is not a Fréchet "
+                   "distance (use --sqrt exact)")
+    for s in result.layers:
+        scale = s["vision"]["total_variance"] + s["text"]["total_variance"]
+        if scale > 0 and s["negative_eigenvalue_mass"] > 1e-6 * scale:
+            out.append(f"layer {s['layer']}: clipped negative eigenvalue mass {s['negative_eigenvalue_mass']:.3g} "
+                       "in the trace term (rounding in a rank-deficient product)")
+        low = [m for m in ("vision", "text") if s[m]["tokens_per_channel"] < 1]
+        if low:
+            out.append(f"layer {s['layer']}: fewer {' and '.join(low)} tokens than channels: the covariance is "
+                       "rank-deficient (the exact trace handles it; reference modes may be unstable)")
+    return out

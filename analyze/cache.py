@@ -1,0 +1,197 @@
+"""Cache of per-layer sufficient statistics, so re-analysis (other sqrt mode, bootstrap, layers) is cheap.
+
+Where: inside the archive, in a Zarr subgroup `_mir_cache/` (one subgroup per entry), when the
+archive is one local writable directory; otherwise in a local directory ($MIR_CACHE_DIR, else
+~/.cache/mir-pipeline), one folder per archive. An entry's name carries the archive fingerprint,
+which changes with every commit, so appending samples invalidates every entry; stale entries are
+deleted when a new one is written.
+
+Crash safety: an entry is written completely in a hidden temporary folder, marked complete last,
+then renamed into place (atomic on one filesystem). A reader accepts an entry only if the marker
+is set, the recorded key equals the wanted key and the arrays have the expected shapes; chunks carry
+CRC32C checksums. Anything else is a miss: the entry is removed and recomputed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from .moments import Moments
+from .stats import LayerStats, ModalityStats, NormSummary
+
+log = logging.getLogger(__name__)
+FORMAT = "mir-analysis-cache/1"
+GROUP = "_mir_cache"
+STALE_TMP_SECONDS = 3600
+MAX_ENTRY_BYTES = 2 * 2**30  # per-block statistics of big models are not worth the disk (d=4096, K=20: 5 GB)
+MODALITIES = ("vision", "text")
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("MIR_CACHE_DIR") or Path.home() / ".cache" / "mir-pipeline")
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class StatsCache:
+    """Per-layer entries for one archive; `directory` holds the entries."""
+
+    def __init__(self, directory: Path, fingerprint: str):
+        self.directory = Path(directory)
+        self.fingerprint = fingerprint
+
+    @classmethod
+    def for_archive(cls, archive, cache_dir: str | Path | None = None) -> "StatsCache":
+        """Inside the archive when it is one writable local folder, else a local cache folder."""
+        if cache_dir is None and not archive.read_only and len(archive.paths) == 1:
+            directory = Path(str(archive.paths[0]).removeprefix("file://")).expanduser() / GROUP
+            _ensure_subgroup(directory)
+            return cls(directory, archive.fingerprint)
+        root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+        identity = _hash(sorted(str(p) for p in archive.paths))
+        return cls(root / identity, archive.fingerprint)
+
+    # ------------------------------------------------------------------ names
+    def entry_name(self, key: dict) -> str:
+        """<fingerprint>-L<layer>-<hash of everything but the block count>-K<blocks>."""
+        rest = {k: v for k, v in key.items() if k != "blocks"}
+        return f"{self.fingerprint}-L{key['layer']}-{_hash(rest)}-K{key['blocks']}"
+
+    # ------------------------------------------------------------------ read
+    def load(self, key: dict) -> LayerStats | None:
+        """The entry for `key`; for K = 1, an entry kept per sample block serves too (blocks merged)."""
+        found = self._load_exact(key)
+        if found is None and key["blocks"] == 1:
+            stem = self.entry_name(key).removesuffix("-K1")
+            for path in sorted(self.directory.glob(stem + "-K*")) if self.directory.is_dir() else []:
+                other = self._load_exact({**key, "blocks": int(path.name.rsplit("-K", 1)[1])})
+                if other is not None:
+                    return other.collapsed()
+        return found
+
+    def _load_exact(self, key: dict) -> LayerStats | None:
+        path = self.directory / self.entry_name(key)
+        if not path.is_dir():
+            return None
+        try:
+            stats = _read_entry(path, key)
+        except Exception as exc:  # any damage makes it a miss
+            log.warning("ignoring damaged analysis cache entry %s (%s); it will be recomputed", path, exc)
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+        return stats
+
+    # ------------------------------------------------------------------ write
+    def store(self, key: dict, stats: LayerStats) -> Path | None:
+        """Write an entry atomically; returns its path, or None when not written (too big, not writable)."""
+        k, d = len(stats.vision.block_inliers), stats.vision.d
+        if 2 * k * d * d * 8 > MAX_ENTRY_BYTES:
+            log.info("not caching layer %s: %d blocks of %d x %d statistics exceed %d bytes", stats.layer, k, d, d,
+                     MAX_ENTRY_BYTES)
+            return None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = self.directory / f".tmp-{uuid.uuid4().hex}"
+            _write_entry(tmp, key, stats)
+            final = self.directory / self.entry_name(key)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # a concurrent run wrote the same entry first: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._purge()
+            return final
+        except OSError as exc:
+            log.warning("cannot write the analysis cache in %s (%s); continuing without it", self.directory, exc)
+            return None
+
+    def _purge(self) -> None:
+        """Remove entries of other archive contents and temporary folders abandoned by killed runs."""
+        now = time.time()
+        for child in self.directory.iterdir():
+            if child.name.startswith(".tmp-"):
+                if now - child.stat().st_mtime > STALE_TMP_SECONDS:
+                    shutil.rmtree(child, ignore_errors=True)
+            elif child.is_dir() and not child.name.startswith(self.fingerprint + "-"):
+                shutil.rmtree(child, ignore_errors=True)
+
+    def entries(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.iterdir() if p.is_dir() and not p.name.startswith(".tmp-"))
+
+
+def _ensure_subgroup(directory: Path) -> None:
+    """Make `_mir_cache` a proper (empty) Zarr group of the archive, so Zarr tools see valid metadata."""
+    if not (directory / "zarr.json").exists():
+        try:
+            directory.mkdir(exist_ok=True)
+            zarr.open_group(zarr.storage.LocalStore(directory), mode="a", zarr_format=3,
+                            attributes={"about": "mir analyze: cached sufficient statistics; safe to delete"})
+        except OSError:
+            pass
+
+
+def _codecs():
+    return {"compressors": [ZstdCodec(level=1), Crc32cCodec()]}
+
+
+def _write_entry(path: Path, key: dict, stats: LayerStats) -> None:
+    root = zarr.open_group(zarr.storage.LocalStore(path), mode="w", zarr_format=3)
+    meta = {"format": FORMAT, "key": key, "layer": stats.layer, "meta": stats.meta, "norms": {}, "passes": {}}
+    for m in MODALITIES:
+        s = stats.modality(m)
+        g = root.create_group(m)
+        arrays = {
+            "median": s.median, "block_tokens": s.block_tokens, "block_norm_sum": s.block_norm_sum,
+            "block_outliers": s.block_outliers,
+            "inlier_n": np.array([b.n for b in s.block_inliers], np.int64),
+            "inlier_mean": np.stack([b.mean for b in s.block_inliers]),
+            "inlier_m2": np.stack([b.m2 for b in s.block_inliers]),
+        }
+        if s.rows is not None:
+            arrays["rows"] = s.rows
+        for name, value in arrays.items():
+            value = np.asarray(value)
+            chunks = (1,) + value.shape[1:] if name == "inlier_m2" else value.shape
+            arr = g.create_array(name, shape=value.shape, dtype=value.dtype, chunks=chunks, **_codecs())
+            arr[...] = value
+        meta["norms"][m] = vars(s.norms)
+        meta["passes"][m] = s.passes
+    meta["complete"] = True  # the marker, written last; the rename that follows publishes the entry
+    root.attrs.update(meta)
+
+
+def _read_entry(path: Path, key: dict) -> LayerStats:
+    root = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r", zarr_format=3)
+    attrs = dict(root.attrs)
+    if attrs.get("format") != FORMAT or attrs.get("complete") is not True:
+        raise ValueError("incomplete entry")
+    if json.loads(json.dumps(attrs.get("key"))) != json.loads(json.dumps(key)):
+        raise ValueError("entry key differs")
+    mods = {}
+    for m in MODALITIES:
+        g = root[m]
+        median = g["median"][...]
+        d = median.shape[0]
+        n_in, means, m2 = g["inlier_n"][...], g["inlier_mean"][...], g["inlier_m2"][...]
+        k = n_in.shape[0]
+        if means.shape != (k, d) or m2.shape != (k, d, d) or g["block_tokens"].shape != (k,):
+            raise ValueError("array shapes disagree")
+        rows = g["rows"][...] if "rows" in g else None
+        mods[m] = ModalityStats(NormSummary(**attrs["norms"][m]), median, g["block_tokens"][...],
+                                g["block_norm_sum"][...], g["block_outliers"][...],
+                                [Moments(int(n), means[i], m2[i]) for i, n in enumerate(n_in)], rows,
+                                int(attrs["passes"][m]))
+    return LayerStats(int(attrs["layer"]), mods["vision"], mods["text"], dict(attrs.get("meta", {})))

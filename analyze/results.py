@@ -1,0 +1,95 @@
+"""From a layer's sufficient statistics to its numbers: FD (and its split), the related statistics
+and the diagnostics of the computation; and the per-layer xarray Dataset of a whole analysis."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.linalg as sl
+import xarray as xr
+from scipy.sparse.linalg import eigsh
+
+from .frechet import PsdFactor, frechet_distance
+from .stats import LayerStats, ModalityStats
+
+LEADING = 5
+MODALITIES = ("vision", "text")
+
+
+def _scaled_rows(s: ModalityStats, mean: np.ndarray, a: float) -> np.ndarray | None:
+    """Y with Y^T Y = the modality's normalised covariance, when its rows are kept (n < d)."""
+    if s.rows is None:
+        return None
+    return (s.rows - mean) * (a / math.sqrt(len(s.rows) - 1))
+
+
+def layer_fd(stats: LayerStats, mode: str, weights: np.ndarray | None = None, with_factors: bool = False):
+    """FD of one layer on text-normalised data (FD = a^2 x FD of the raw data)."""
+    a = stats.scale(weights)
+    mv, mt = stats.vision.replaced(weights), stats.text.replaced(weights)
+    cv, ct = mv.covariance() * a * a, mt.covariance() * a * a
+    rows = (None, None) if weights is not None else (_scaled_rows(stats.vision, mv.mean, a),
+                                                     _scaled_rows(stats.text, mt.mean, a))
+    factors = (PsdFactor.of(cv), PsdFactor.of(ct)) if with_factors else None
+    result = frechet_distance(mv.mean * a, cv, mt.mean * a, ct, mode, *rows, factors=factors)
+    return result, (mv, mt), (cv, ct), a, factors
+
+
+def _spectrum_stats(cov: np.ndarray, factor: PsdFactor) -> dict:
+    """Variance, participation ratio, leading eigenvalues (Lanczos), numerical rank and condition
+    number (LAPACK estimate from the Cholesky factor), without a full eigendecomposition."""
+    cov = (cov + cov.T) * 0.5
+    d = cov.shape[0]
+    total = float(np.trace(cov))
+    frob = float(np.sum(cov * cov))
+    k = min(LEADING, d)
+    if d <= 4 * LEADING:
+        top = sl.eigh(cov, eigvals_only=True, driver="evd")[::-1][:k]
+    else:
+        top = np.sort(eigsh(cov, k=k, which="LA", v0=np.ones(d), return_eigenvectors=False))[::-1]
+    return {
+        "total_variance": total,
+        "effective_rank": total ** 2 / frob if frob > 0 else 0.0,
+        "leading_eigenvalues": np.pad(top, (0, LEADING - k), constant_values=np.nan),
+        "condition_number": 1.0 / factor.rcond if factor.rcond > 0 else math.inf,
+        "numerical_rank": factor.rank,
+    }
+
+
+def layer_summary(stats: LayerStats, mode: str) -> dict:
+    """Every per-layer number of `mir analyze` / `mir stats` (covariance-derived ones in normalised units,
+    norms in the archive's raw units)."""
+    fd, (mv, mt), covs, a, factors = layer_fd(stats, mode, with_factors=True)
+    out = {"layer": stats.layer, "fd": fd.fd, "fd_mean_term": fd.mean_term, "fd_covariance_term": fd.covariance_term,
+           "trace_sqrt": fd.trace_sqrt, "scale": a, "route": fd.route, "negative_eigenvalue_mass": fd.negative_mass}
+    cos = float(mv.mean @ mt.mean / (np.linalg.norm(mv.mean) * np.linalg.norm(mt.mean)))
+    out["centroid_cosine"] = cos
+    for name, cov, factor in zip(MODALITIES, covs, factors):
+        s = stats.modality(name)
+        out[name] = {
+            "tokens": s.n, "outliers": s.n_outliers, "norm_mean": s.norms.mean, "norm_median": s.norms.median,
+            "norm_std": s.norms.std, "outlier_threshold": s.norms.threshold,
+            "tokens_per_channel": s.n / s.d, "median_passes": s.passes, **_spectrum_stats(cov, factor),
+        }
+    return out
+
+
+def to_dataset(summaries: list[dict], attrs: dict) -> xr.Dataset:
+    """The per-layer results as an xarray Dataset (dims layer, modality, rank)."""
+    layers = [s["layer"] for s in summaries]
+    data = {}
+    for name in ("fd", "fd_mean_term", "fd_covariance_term", "trace_sqrt", "scale", "centroid_cosine",
+                 "negative_eigenvalue_mass"):
+        data[name] = ("layer", np.array([s[name] for s in summaries], dtype=np.float64))
+    data["route"] = ("layer", np.array([s["route"] for s in summaries], dtype=str))
+    per_mod = ("tokens", "outliers", "norm_mean", "norm_median", "norm_std", "outlier_threshold",
+               "tokens_per_channel", "total_variance", "effective_rank", "condition_number", "numerical_rank",
+               "median_passes")
+    for name in per_mod:
+        data[name] = (("layer", "modality"), np.array([[s[m][name] for m in MODALITIES] for s in summaries]))
+    data["leading_eigenvalues"] = (("layer", "modality", "rank"),
+                                   np.array([[s[m]["leading_eigenvalues"] for m in MODALITIES] for s in summaries]))
+    ds = xr.Dataset(data, coords={"layer": np.array(layers, dtype=np.int64), "modality": list(MODALITIES),
+                                  "rank": np.arange(1, LEADING + 1)}, attrs=attrs)
+    ds["fd"].attrs["long_name"] = "Frechet distance of text-normalised vision and text tokens"
+    return ds

@@ -1,0 +1,276 @@
+"""`mir analyze` against its one-pass floor and the reference procedure, measured in one run.
+
+    python bench/analyze_bench.py            # ~6 GB archive, 2 GB budget (several minutes)
+    python bench/analyze_bench.py --small    # a quick check of the script itself
+
+Prints, side by side:
+* `mir analyze` on the whole archive (larger than the memory budget it gives Dask): wall time and
+  peak RSS of all its processes together (psutil, polled every 20 ms);
+* the one-pass floor: reading the same selection once (decompression included, Dask threads) plus the
+  bare float32 Gram products X^T X over it (timed on a slice that fits, scaled by token count);
+* on a subset of samples that fits in memory: the reference procedure (mir.py / mir_util.py of
+  shikiw/Modality-Integration-Rate: float32 torch, torch.median, scipy sqrtm as its accurate mode), in
+  memory, against `mir analyze` on the same subset reading from disk, and their MIR values.
+torch is used here only, to time the reference as published; analyze/ never imports it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+FULL = dict(layers=8, hidden=1024, samples=384, vision_tokens=576, text_tokens=384, budget="2GB",
+            reference_samples=160)
+SMALL = dict(layers=2, hidden=256, samples=48, vision_tokens=96, text_tokens=64, budget="600MB",
+             reference_samples=24)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_measured(cmd: list[str]) -> dict:
+    """Run a command; wall time, CPU seconds (user + system, all its processes) and peak RSS summed
+    over the process and all its children."""
+    import resource
+
+    import psutil
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    done = threading.Event()
+
+    def poll():
+        nonlocal peak
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                procs = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in procs))
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    done.set()
+    watcher.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss": peak, "stdout": out, "stderr": err}
+
+
+def read_floor(path: Path, layers: list[int]) -> tuple[float, float, int]:
+    """Seconds (wall, CPU) to read and decompress the selection once with Dask threads; tokens read."""
+    import dask
+    from storage_schemas import open_archive
+    sel = open_archive(path).select(layers=layers)
+    touch = []
+    for view in (sel.vision, sel.text):
+        touch.append(view.data.map_blocks(lambda b: np.zeros((1, 1, 1)), chunks=(1, 1, 1), dtype=float).sum())
+    start, cpu = time.perf_counter(), time.process_time()
+    dask.compute(*touch, scheduler="threads")
+    tokens = (sel.vision.sizes["token"] + sel.text.sizes["token"]) * len(layers)
+    return time.perf_counter() - start, time.process_time() - cpu, tokens
+
+
+def gram_floor(path: Path, layer: int, tokens_total: int) -> tuple[float, float, str]:
+    """Bare float32 X^T X on a slice of one layer (fits in memory), scaled to tokens_total.
+
+    The faster of two ways to use the machine is taken, so the floor is not inflated by a poor
+    BLAS setting: one product on BLAS's own threads, or one single-threaded product per core at once.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from storage_schemas import open_archive
+    sel = open_archive(path).select(layers=[layer])
+    n = min(65536, sel.vision.sizes["token"])
+    x = np.asarray(sel.vision.data[0, :n].compute(), dtype=np.float32)
+    cores = os.cpu_count() or 1
+
+    def best_of(fn, repeats=3) -> float:
+        fn()  # warm-up (threads, pages)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    options = {"BLAS threads": best_of(lambda: x.T @ x)}
+    try:
+        from threadpoolctl import threadpool_limits
+        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(cores) as pool:
+            both = best_of(lambda: list(pool.map(lambda _: x.T @ x, range(cores))))
+        options[f"{cores} single-threaded products at once"] = both / cores
+    except ImportError:
+        pass
+    how = min(options, key=options.get)
+    cpu = math.inf
+    try:
+        from threadpoolctl import threadpool_limits
+        with threadpool_limits(1, user_api="blas"):
+            for _ in range(2):
+                t0 = time.thread_time()
+                x.T @ x
+                cpu = min(cpu, time.thread_time() - t0)
+    except ImportError:
+        pass
+    scale = tokens_total / n
+    return options[how] * scale, cpu * scale, options[how], how
+
+
+# ------------------------------------------------------------------------------ the reference procedure
+def reference_procedure(path: str, rows: int, layers: list[int]) -> dict:
+    """mir.py's "MIR Eval" loop on the first `rows` samples, data in memory (float16 as extracted)."""
+    import torch
+    from scipy.linalg import sqrtm
+
+    from storage_schemas import open_archive
+    t0 = time.perf_counter()
+    sel = open_archive(path).select(samples=slice(0, rows), layers=layers)
+    vis = [np.asarray(sel.vision.data[i].compute()) for i in range(len(layers))]
+    txt = [np.asarray(sel.text.data[i].compute()) for i in range(len(layers))]
+    load_s = time.perf_counter() - t0
+
+    def replace_outliers_with_median_l2(data):
+        norms = torch.norm(data, p=2, dim=-1)
+        median_norm = torch.median(norms)
+        std_dev = torch.std(norms)
+        outliers = torch.abs(norms - median_norm) > 3 * std_dev
+        median_values = torch.median(data, dim=0).values
+        data[outliers, :] = median_values
+        return data
+
+    def calculate_fid(tensor_A, tensor_B):
+        tensor_A = tensor_A.type(torch.float32)
+        tensor_B = tensor_B.type(torch.float32)
+        mu_A = tensor_A.mean(dim=0)
+        mu_B = tensor_B.mean(dim=0)
+        tensor_A_centered = tensor_A - mu_A
+        tensor_B_centered = tensor_B - mu_B
+        cov_A = tensor_A_centered.T @ tensor_A_centered / (tensor_A.size(0) - 1)
+        cov_B = tensor_B_centered.T @ tensor_B_centered / (tensor_B.size(0) - 1)
+        cov_A_np = cov_A.cpu().numpy()
+        cov_B_np = cov_B.cpu().numpy()
+        covmean = sqrtm(cov_A_np.dot(cov_B_np))
+        if np.iscomplexobj(covmean):
+            covmean = covmean.real
+        mean_diff_np = (mu_A - mu_B).cpu().numpy()
+        return np.sum(mean_diff_np ** 2) + np.trace(cov_A_np) + np.trace(cov_B_np) - 2 * np.trace(covmean)
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    fds = []
+    for v16, t16 in zip(vis, txt):
+        vision_features = torch.from_numpy(v16).float()
+        text_features = torch.from_numpy(t16).float()
+        scale_factor = 1. / text_features.norm(p=2, dim=-1).mean(0)
+        vision_features = scale_factor * vision_features
+        text_features = scale_factor * text_features
+        vision_features = replace_outliers_with_median_l2(vision_features)
+        text_features = replace_outliers_with_median_l2(text_features)
+        fds.append(float(calculate_fid(vision_features, text_features)))
+    compute_s, compute_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+    return {"load_s": load_s, "compute_s": compute_s, "compute_cpu_s": compute_cpu_s, "mir": math.log10(sum(fds)),
+            "fds": fds, "torch_threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------ main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="tiny sizes: checks the script in seconds")
+    ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "mir-analyze-bench"))
+    for key, value in FULL.items():
+        ap.add_argument("--" + key.replace("_", "-"), default=None, type=type(value))
+    ap.add_argument("--run-reference", nargs=3, metavar=("ARCHIVE", "ROWS", "LAYERS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.run_reference:
+        archive, rows, layers = args.run_reference
+        print(json.dumps(reference_procedure(archive, int(rows), [int(x) for x in layers.split(",")])))
+        return
+    cfg = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in (SMALL if args.small else
+                                                                                     FULL).items()}
+    spec = {k: cfg[k] for k in ("layers", "hidden", "samples", "vision_tokens", "text_tokens")}
+    work = Path(args.dir) / "-".join(str(v) for v in spec.values())  # one archive per size, kept for reruns
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "bench.zarr"
+    marker = work / "bench.json"
+    if not (path.exists() and marker.exists() and json.loads(marker.read_text()) == spec):
+        from storage_schemas.synth import write_synthetic_archive
+        print(f"writing synthetic archive {spec} ...", flush=True)
+        t0 = time.perf_counter()
+        write_synthetic_archive(path, seed=0, overwrite=True, **spec)
+        marker.write_text(json.dumps(spec))
+        print(f"  written in {time.perf_counter() - t0:.1f} s", flush=True)
+    size = dir_bytes(path)
+    layers = list(range(1, cfg["layers"] + 1))
+    from dask.utils import format_bytes, parse_bytes
+    budget = parse_bytes(cfg["budget"])
+    mir = [sys.executable, "-m", "pipelines.cli", "analyze"]
+    cache = str(work / "cache")
+
+    print("measuring the one-pass floor ...", flush=True)
+    read_s, read_cpu, tokens = read_floor(path, layers)
+    gram_s, gram_cpu, gram_slice_s, gram_how = gram_floor(path, layers[0], tokens)
+    floor, floor_cpu = read_s + gram_s, read_cpu + gram_cpu
+
+    print("running mir analyze on the whole archive ...", flush=True)
+    big = run_measured([*mir, str(path), "--no-cache", "--memory-limit", cfg["budget"], "--json", "-",
+                        "--no-progress"])
+    big_doc = json.loads(big["stdout"])
+
+    rows = min(cfg["reference_samples"], cfg["samples"])
+    shutil.rmtree(cache, ignore_errors=True)  # the subset run below must read the archive
+    print(f"reference procedure and mir analyze on the first {rows} samples ...", flush=True)
+    small = run_measured([*mir, str(path), "--samples", f"0:{rows}", "--cache-dir", cache, "--memory-limit",
+                          cfg["budget"], "--json", "-", "--no-progress"])
+    small_doc = json.loads(small["stdout"])
+    accurate_doc = json.loads(run_measured([*mir, str(path), "--samples", f"0:{rows}", "--cache-dir", cache,
+                                            "--sqrt", "reference-accurate", "--json", "-", "--no-progress"])["stdout"])
+    ref_run = run_measured([sys.executable, __file__, "--run-reference", str(path), str(rows),
+                            ",".join(map(str, layers))])
+    ref = json.loads(ref_run["stdout"])
+
+    subset_bytes = size * rows / cfg["samples"]
+    print()
+    print(f"machine: {os.cpu_count()} cores; archive {format_bytes(size)} on disk, {len(layers)} layers x "
+          f"{cfg['hidden']} channels, {big_doc['n_samples']} samples, {big_doc['n_vision_tokens']} vision + "
+          f"{big_doc['n_text_tokens']} text tokens per layer; Dask memory budget {format_bytes(budget)}")
+    print(f"{'':44s} {'wall s':>8} {'ratio':>7}  {'CPU s':>8} {'ratio':>7}")
+    print(f"{'mir analyze (whole archive, from disk)':44s} {big['wall_s']:8.2f} {big['wall_s'] / floor:6.2f}x  "
+          f"{big['cpu_s']:8.2f} {big['cpu_s'] / floor_cpu:6.2f}x  of the floor")
+    print(f"{'  one-pass floor = read once + float32 Gram':44s} {floor:8.2f} {'':7s}  {floor_cpu:8.2f}")
+    print(f"{'    read + decompress once (Dask threads)':44s} {read_s:8.2f} {'':7s}  {read_cpu:8.2f}")
+    print(f"{'    float32 X^T X, scaled from a slice':44s} {gram_s:8.2f} {'':7s}  {gram_cpu:8.2f}   "
+          f"({gram_slice_s:.3f} s per 64k tokens, {gram_how})")
+    print(f"{'peak RSS of mir analyze (all processes)':44s} {format_bytes(big['peak_rss']):>8} "
+          f"{big['peak_rss'] / budget:6.2f}x  of the budget")
+    print(f"subset of {rows} samples ({format_bytes(subset_bytes)} of the archive):")
+    print(f"{'  mir analyze (from disk, cold cache)':44s} {small['wall_s']:8.2f} "
+          f"{small['wall_s'] / ref['compute_s']:6.2f}x  {small['cpu_s']:8.2f} "
+          f"{small['cpu_s'] / ref['compute_cpu_s']:6.2f}x  of the reference")
+    print(f"{'  reference procedure, in memory (torch)':44s} {ref['compute_s']:8.2f} {'':7s}  "
+          f"{ref['compute_cpu_s']:8.2f}   (+ {ref['load_s']:.1f} s loading; torch threads {ref['torch_threads']})")
+    print(f"{'  MIR: mir analyze --sqrt exact':44s} {small_doc['mir']:8.5f}")
+    print(f"{'  MIR: mir analyze --sqrt reference-accurate':44s} {accurate_doc['mir']:8.5f}   (from the cache)")
+    print(f"{'  MIR: reference procedure (accurate mode)':44s} {ref['mir']:8.5f}")
+    print(f"MIR of the whole archive: {big_doc['mir']:.5f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,446 @@
+"""One extraction job: samples -> model -> archive, with provenance, resume and sharding.
+
+`extract(ExtractOptions(...))` is what `mir extract` calls; it owns the order of the checks so
+that bad input fails before anything is written, and a resumed run refuses an archive made
+with another model, other settings or other data.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from storage_schemas import ArchiveError, ArchiveWriter, SampleRecord
+
+from . import data as data_mod
+from .errors import DataError, ExtractError, ResumeError
+from .prompts import RESPONSE_RULE, TRUNCATION_RULE, PromptLayout
+
+log = logging.getLogger(__name__)
+
+TEXT_TOKEN_RULES = ("after_image", "response", "all")
+
+
+@dataclass
+class ExtractOptions:
+    """Everything `mir extract` can be told; see docs/extract.md for the meaning of each."""
+
+    model: str
+    out: str
+    images: str | None = None
+    texts: str | None = None
+    manifest: str | None = None
+    num: int | None = None
+    seed: int | None = None
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str = "auto"
+    layers: str | None = None
+    template: str | None = None
+    text_tokens: str = "after_image"
+    max_text_tokens: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    shard: tuple[int, int] | None = None
+    trust_remote_code: bool = False
+    revision: str | None = None
+    attn_implementation: str | None = None
+    commit_every: int | None = None
+    commit_seconds: float = 120.0
+    compression: str | None = None  # "cname[:level]" of the Blosc codec; None: the format's default
+    preflight: bool = True
+    progress: bool = True
+
+
+@dataclass
+class ExtractResult:
+    """What a run did."""
+
+    out: Path
+    samples_total: int
+    samples_skipped: int
+    samples_done: int
+    seconds: float
+    samples_per_second: float
+    truncated: int
+    cpu_seconds: float = 0.0
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- options
+def parse_layers(spec: str | None, num_hidden_layers: int) -> list[int]:
+    """"all" / None -> 0..L; else a comma list of indices and ranges a-b; negatives count from L+1.
+
+    Index 0 is the embedding output, 1..L the decoder layers (the last taken after the final norm).
+    """
+    n = num_hidden_layers + 1
+    if spec is None or spec.strip().lower() == "all":
+        return list(range(n))
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                a, b = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+                lo, hi = int(a), int(b)
+                lo, hi = lo % n if lo < 0 else lo, hi % n if hi < 0 else hi
+                values = range(lo, hi + 1)
+            else:
+                v = int(part)
+                values = [v % n if v < 0 else v]
+        except ValueError:
+            raise ExtractError(f"--layers {spec!r}: use 'all' or indices and ranges like '0,8,16-32'") from None
+        for v in values:
+            if not 0 <= v < n:
+                raise ExtractError(f"--layers {spec!r}: layer {v} does not exist; this model has hidden states "
+                                   f"0..{n - 1} (0 = embeddings)")
+            out.add(v)
+    if not out:
+        raise ExtractError(f"--layers {spec!r} selects no layer")
+    return sorted(out)
+
+
+def parse_shard(spec: str | None) -> tuple[int, int] | None:
+    """'K/N' -> (K, N), 1 <= K <= N."""
+    if spec is None:
+        return None
+    try:
+        k, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ExtractError(f"--shard {spec!r}: use K/N, e.g. --shard 1/4") from None
+    if n < 1 or not 1 <= k <= n:
+        raise ExtractError(f"--shard {spec!r}: K must lie in 1..N")
+    return k, n
+
+
+BLOSC_NAMES = ("zstd", "lz4", "lz4hc", "blosclz", "zlib")
+
+
+def parse_compression(spec: str | None) -> dict | None:
+    """'zstd:3', 'lz4', ... -> the writer's codec settings (None keeps the archive default)."""
+    if spec is None:
+        return None
+    name, _, level = spec.partition(":")
+    if name not in BLOSC_NAMES or (level and not (level.isdigit() and 0 <= int(level) <= 9)):
+        raise ExtractError(f"--compression {spec!r}: use NAME[:LEVEL] with NAME one of {', '.join(BLOSC_NAMES)} "
+                           "and LEVEL 0..9 (e.g. zstd:3, lz4:5)")
+    return {"cname": name, "clevel": int(level) if level else 5 if name.startswith("lz4") else 3}
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ExtractError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def sample_list(opts: ExtractOptions) -> data_mod.SampleList:
+    """The full (unsharded) sample list the options describe."""
+    if opts.manifest and (opts.images or opts.texts):
+        raise DataError("give either --manifest or --images and --texts, not both")
+    if opts.manifest:
+        return data_mod.from_manifest(opts.manifest, num=opts.num, seed=opts.seed)
+    if not (opts.images and opts.texts):
+        raise DataError("give --images DIR and --texts DIR, or --manifest FILE.jsonl")
+    return data_mod.from_directories(opts.images, opts.texts, num=opts.num, seed=opts.seed)
+
+
+# ----------------------------------------------------------------------------- provenance
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("mir-pipeline", "torch", "transformers", "tokenizers", "pillow", "numpy", "zarr"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"{device} ({platform.processor() or platform.machine()})"
+
+
+def _hash(obj: Any) -> str:
+    return "sha256:" + hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def settings(opts: ExtractOptions, layers: list[int], layout: PromptLayout, model_dtype: str) -> dict[str, Any]:
+    """The extraction settings that determine stored content (batch size and device do not)."""
+    return {
+        "layers": layers,
+        "prompt_layout": layout.describe(),
+        "text_token_rule": opts.text_tokens,
+        "response_rule": RESPONSE_RULE,
+        "max_text_tokens": opts.max_text_tokens,
+        "truncation_rule": TRUNCATION_RULE if opts.max_text_tokens is not None else None,
+        "dtype": model_dtype,
+        "padding_side": "right",
+        "forward": "one forward pass per sample, output_hidden_states=True, no generate, no attention maps",
+        "hidden_states_index": "0 = embedding output, 1..L = decoder layers (the last after the final norm)",
+    }
+
+
+def _run_record(opts: ExtractOptions, device: str, n_todo: int) -> dict[str, Any]:
+    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": _device_name(device),
+            "batch_size": opts.batch_size, "samples_planned": n_todo, "host": platform.node(),
+            "library_versions": _versions()}
+
+
+def check_resume(existing: dict[str, Any], wanted: dict[str, Any], path: Path) -> None:
+    """Refuse to append to an archive whose model, settings, data or shard differ from this run's."""
+    problems = []
+    em, wm = existing.get("model", {}), wanted["model"]
+    keys = ["config_hash", "architecture", "dtype", "hidden_size", "num_hidden_layers", "image_token_id"]
+    if em.get("weights_hash") or wm.get("weights_hash"):
+        keys.append("weights_hash")
+    else:
+        keys += ["name_or_path", "revision"]
+    for key in keys:
+        if em.get(key) != wm.get(key):
+            problems.append(f"model.{key}: archive has {em.get(key)!r}, this run has {wm.get(key)!r}")
+    ee, we = existing.get("extraction", {}), wanted["extraction"]
+    if ee.get("settings_hash") != we["settings_hash"]:
+        for key, value in we["settings"].items():
+            if ee.get("settings", {}).get(key) != value:
+                problems.append(f"extraction.{key}: archive has {ee.get('settings', {}).get(key)!r}, "
+                                f"this run has {value!r}")
+        if not problems:
+            problems.append("extraction settings differ")
+    if ee.get("shard") != we.get("shard"):
+        problems.append(f"extraction.shard: archive has {ee.get('shard')!r}, this run has {we.get('shard')!r}")
+    ed, wd = existing.get("dataset", {}), wanted["dataset"]
+    if ed.get("sample_list_hash") != wd["sample_list_hash"]:
+        problems.append("dataset.sample_list_hash: the sample list differs (other files, --num, --seed or "
+                        "manifest)")
+    if problems:
+        raise ResumeError(f"cannot resume {path}: it was made by a different run:\n  " + "\n  ".join(problems)
+                          + "\nUse a new --out, or --overwrite to start over.")
+
+
+# ----------------------------------------------------------------------------- the job
+def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = None) -> ExtractResult:
+    """Run one extraction (or resume one); return what it did."""
+    from . import loading, runner
+
+    say = on_info or (lambda msg: log.info(msg))
+    if opts.text_tokens not in TEXT_TOKEN_RULES:
+        raise ExtractError(f"--text-tokens {opts.text_tokens!r}: choose one of {', '.join(TEXT_TOKEN_RULES)}")
+    if opts.batch_size < 1:
+        raise ExtractError("--batch-size must be at least 1")
+    if opts.max_text_tokens is not None and opts.max_text_tokens < 1:
+        raise ExtractError("--max-text-tokens must be at least 1")
+    if opts.resume and opts.overwrite:
+        raise ExtractError("--resume and --overwrite exclude each other")
+    out = Path(opts.out).expanduser().absolute()
+    layout = PromptLayout.from_option(opts.template)
+    parse_compression(opts.compression)
+    full = sample_list(opts)
+    part = full.shard(*opts.shard) if opts.shard else full
+    resuming = opts.resume and out.exists()
+    if out.exists() and not (opts.resume or opts.overwrite):
+        raise ExtractError(f"{out} already exists; pass --resume to continue it or --overwrite to replace it")
+    if opts.preflight and not resuming:
+        data_mod.preflight(part)  # fail on a bad file before the archive exists
+
+    device = resolve_device(opts.device)
+    info = loading.load_model(opts.model, device=device, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
+                              revision=opts.revision, attn_implementation=opts.attn_implementation)
+    layers = parse_layers(opts.layers, info.num_hidden_layers)
+    sett = settings(opts, layers, layout, info.dtype)
+    run_record = _run_record(opts, device, 0)
+    attrs = {
+        "model": info.provenance,
+        "extraction": {
+            "tool": "mir extract",
+            "tool_version": run_record["library_versions"].get("mir-pipeline"),
+            "time": run_record["started"],
+            "prompt_layout": layout.name,
+            "text_token_rule": opts.text_tokens,
+            "settings": sett,
+            "settings_hash": _hash(sett),
+            "shard": {"index": opts.shard[0], "count": opts.shard[1]} if opts.shard else None,
+            "device": run_record["device"],
+            "batch_size": opts.batch_size,
+            "attention_mask": ("omitted: right padding under causal attention makes it redundant"
+                               if runner.drops_attention_mask(info.model) else "passed"),
+            "library_versions": run_record["library_versions"],
+            "runs": [],
+        },
+        "dataset": {
+            "sources": [f"{k}: {v}" for k, v in full.sources.items() if k in ("images", "texts", "manifest")],
+            "selection": {k: v for k, v in full.sources.items() if k not in ("images", "texts", "manifest")},
+            "samples": len(full),
+            "sample_list_hash": full.hash,
+            "shard_samples": len(part),
+            "shard_sample_list_hash": part.hash,
+        },
+    }
+
+    if not resuming:  # cheap (texts only), so even with --no-preflight
+        runner.check_prompts(info.processor, layout, part.samples, opts.max_text_tokens)
+    if resuming:
+        writer = ArchiveWriter.open_for_append(out)
+        try:
+            check_resume(writer.attrs, attrs, out)
+        except BaseException:
+            writer.abort()
+            raise
+        done = set(writer.committed_sample_ids)
+        todo = [s for s in part.samples if s.sample_id not in done]
+        stray = done - {s.sample_id for s in part.samples}
+        if stray:
+            writer.abort()
+            raise ResumeError(f"cannot resume {out}: it holds samples not in this run's list, e.g. {sorted(stray)[:3]}")
+        base_extraction = dict(writer.attrs.get("extraction", {}))
+        say(f"resuming {out}: {len(done)} of {len(part)} samples already committed")
+        try:
+            if opts.preflight:
+                data_mod.preflight(data_mod.SampleList(tuple(todo), part.sources))
+            runner.check_prompts(info.processor, layout, todo, opts.max_text_tokens)
+        except BaseException:
+            writer.abort()
+            raise
+    else:
+        writer = ArchiveWriter.create(out, layers=layers, hidden_size=info.hidden_size, dtype=info.dtype,
+                                      attrs=attrs, overwrite=opts.overwrite, codec=parse_compression(opts.compression))
+        todo = list(part.samples)
+        base_extraction = dict(attrs["extraction"])
+    skipped = len(part) - len(todo)
+
+    run_record["samples_planned"] = len(todo)
+    stored_dtype = np.float16 if info.dtype == "float16" else np.float32
+
+    def make_record(ps: runner.PreparedSample, vision: np.ndarray, text: np.ndarray) -> SampleRecord:
+        t = ps.tokens
+        return SampleRecord(
+            sample_id=ps.sample.sample_id, image=ps.sample.image_ref, text=ps.sample.text_ref,
+            vision=vision.astype(stored_dtype, copy=False), vision_position=t.vision_position,
+            text_hidden=text.astype(stored_dtype, copy=False), text_position=t.text_position,
+            text_token_id=t.text_token_id, text_role=t.text_role, input_ids=t.input_ids)
+
+    try:
+        stats = runner.run(
+            info, todo, layers=layers, batch_size=opts.batch_size, layout=layout, make_record=make_record,
+            append=writer.append, commit=writer.flush, commit_every=opts.commit_every,
+            commit_seconds=opts.commit_seconds, max_text_tokens=opts.max_text_tokens, progress=opts.progress)
+    except BaseException as exc:
+        import torch
+
+        committed = writer.committed["samples"]
+        writer.abort()
+        if committed == 0 and not resuming:
+            shutil.rmtree(out, ignore_errors=True)  # the empty archive this run created
+            note = f"nothing was written to {out}"
+        else:
+            note = (f"{committed} of {len(part)} samples are committed in {out}; "
+                    f"fix the problem and rerun with --resume to continue")
+        if isinstance(exc, KeyboardInterrupt):
+            raise ExtractError(f"interrupted; {note}") from exc
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise ExtractError(f"out of device memory at --batch-size {opts.batch_size}; use a smaller batch "
+                               f"size ({note})") from exc
+        if isinstance(exc, (ExtractError, ArchiveError)):
+            raise type(exc)(f"{exc}\n({note})") from exc
+        raise
+    run_record.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "samples_done": stats.samples,
+                       "seconds": round(stats.seconds, 3), "truncated": stats.truncated})
+    extraction = {**base_extraction, "runs": list(base_extraction.get("runs", [])) + [run_record]}
+    writer.update_attrs({"extraction": extraction})
+    writer.close()
+    return ExtractResult(out=out, samples_total=len(part), samples_skipped=skipped, samples_done=stats.samples,
+                         seconds=stats.seconds, samples_per_second=stats.samples_per_second,
+                         truncated=stats.truncated, cpu_seconds=stats.cpu_seconds,
+                         attrs={**attrs, "extraction": extraction})
+
+
+# ----------------------------------------------------------------------------- dry run
+@dataclass
+class Plan:
+    """What a run would do, from the processor alone (no weights loaded, nothing written)."""
+
+    out: Path
+    samples: int
+    samples_total: int
+    layers: list[int]
+    hidden_size: int
+    dtype: str
+    mean_vision_tokens: float
+    mean_text_tokens: float
+    measured_on: int
+    bytes_per_value: int
+
+    @property
+    def raw_bytes(self) -> float:
+        return self.samples * (self.mean_vision_tokens + self.mean_text_tokens) * len(self.layers) * \
+            self.hidden_size * self.bytes_per_value
+
+    def describe(self) -> str:
+        size, unit = self.raw_bytes, "B"
+        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if size < 1024 or unit == "TiB":
+                break
+            size /= 1024
+        return "\n".join([
+            f"would write   {self.out}",
+            f"samples       {self.samples}" + (f" (of {self.samples_total}, this shard)"
+                                               if self.samples != self.samples_total else ""),
+            f"layers        {len(self.layers)} hidden_states entries, hidden size {self.hidden_size}",
+            f"tokens        {self.mean_vision_tokens:.1f} vision + {self.mean_text_tokens:.1f} text per sample "
+            f"(mean of the first {self.measured_on} samples)",
+            f"model dtype   {self.dtype} (stored as {'float16' if self.dtype == 'float16' else 'float32'})",
+            f"archive size  about {size:.1f} {unit} uncompressed (hidden states compress little)",
+        ])
+
+
+def estimate(opts: ExtractOptions, *, probe: int = 16) -> Plan:
+    """Check sources and model files and estimate the archive size, without loading weights."""
+    from . import loading, runner
+
+    layout = PromptLayout.from_option(opts.template)
+    full = sample_list(opts)
+    part = full.shard(*opts.shard) if opts.shard else full
+    head = part.samples[:probe]
+    if opts.preflight:
+        data_mod.preflight(part)
+    config, processor, image_token_id = loading.load_processor(
+        opts.model, trust_remote_code=opts.trust_remote_code, revision=opts.revision)
+    text_config = loading._text_config(config)
+    num_layers = int(text_config.num_hidden_layers)
+    layers = parse_layers(opts.layers, num_layers)
+    if opts.dtype != "auto":
+        dtype = opts.dtype
+    else:
+        dtype = str(getattr(text_config, "dtype", None) or getattr(config, "dtype", None) or "float32")
+        dtype = dtype.removeprefix("torch.")
+    preparer = runner.BatchPreparer(processor, image_token_id, layout, max_text_tokens=opts.max_text_tokens,
+                                    max_positions=runner._max_positions(config))
+    nv = nt = 0
+    for i in range(0, len(head), opts.batch_size):
+        batch = preparer.prepare(list(head[i:i + opts.batch_size]))
+        nv += sum(ps.tokens.vision_position.size for ps in batch.samples)
+        nt += sum(ps.tokens.text_position.size for ps in batch.samples)
+    n = max(len(head), 1)
+    return Plan(out=Path(opts.out).expanduser().absolute(), samples=len(part), samples_total=len(full),
+                layers=layers, hidden_size=int(text_config.hidden_size), dtype=dtype, mean_vision_tokens=nv / n,
+                mean_text_tokens=nt / n, measured_on=len(head), bytes_per_value=2 if dtype == "float16" else 4)
