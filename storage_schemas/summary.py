@@ -1,7 +1,6 @@
 """Facts about an archive for people: provenance, sizes, compression. Used by `mir inspect`."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +9,16 @@ from .reader import Archive
 from .store import is_remote
 
 
+CACHE_DIR = "_mir_cache"  # analysis statistics kept beside the data; not part of the archive's size
+
+
 def disk_bytes(location: str) -> int | None:
-    """Bytes on disk under a local archive directory (None for URLs)."""
+    """Bytes of stored data under a local archive directory (None for URLs)."""
     if is_remote(location):
         return None
     root = Path(location.removeprefix("file://"))
-    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in root.rglob("*")
+               if f.is_file() and CACHE_DIR not in f.relative_to(root).parts)
 
 
 def summarize(archive: Archive) -> dict:

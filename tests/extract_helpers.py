@@ -7,7 +7,9 @@ derives the vision mask from the config's image token id.
 """
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -30,6 +32,7 @@ STORIES = [
 ]
 
 _ROOT = Path(tempfile.mkdtemp(prefix="mir-extract-tests-"))
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=None)
