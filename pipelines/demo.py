@@ -22,8 +22,9 @@ REAL_MODEL_HINT = """\
 This MIR comes from a tiny model with random weights: it only shows that the pipeline works.
 For a real model on a GPU (weights from the Hugging Face hub, e.g. LLaVA-1.5-7B):
 
-  mir extract --model llava-hf/llava-1.5-7b-hf --images TextVQA/val_images --texts cnn/stories \\
-      --num 100 --seed 0 --device cuda --batch-size 16 --out llava15.zarr
+  mir extract --model llava-hf/llava-1.5-7b-hf --images textvqa/train_images --texts cnn/stories \\
+      --num 100 --seed 0 --template vicuna_v1 --dtype float16 --device cuda --batch-size 8 \\
+      --max-text-tokens 2048 --out llava15.zarr
   mir analyze llava15.zarr --bootstrap 200 --json llava15.json --plot llava15.png"""
 
 

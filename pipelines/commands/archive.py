@@ -57,14 +57,14 @@ def inspect_cmd(archives, as_json):
     lines = [
         f"archive      {info['location']}  ({info['schema']}, fingerprint {info['fingerprint']})",
         f"model        {model.get('name_or_path', '?')}  [{model.get('architecture', '?')}]",
-        f"             revision {model.get('revision') or '-'}  weights {str(model.get('weights_hash') or '-')[:16]}"
-        f"  config {str(model.get('config_hash') or '-')[:16]}",
+        f"             revision {model.get('revision') or '-'}  weights {_short(model.get('weights_hash'))}"
+        f"  config {_short(model.get('config_hash'))}",
         f"             model dtype {model.get('dtype', '?')}, {model.get('num_hidden_layers', '?')} decoder layers,"
         f" hidden size {info['hidden_size']}",
         f"extraction   {ext.get('tool', '?')} {ext.get('tool_version', '')}  layout {ext.get('prompt_layout', '?')}"
         f"  time {ext.get('time', info['commit'] and '-')}",
         f"dataset      {', '.join(map(str, data.get('sources', []))) or '-'}  (sample list hash "
-        f"{str(data.get('sample_list_hash') or '-')[:16]})",
+        f"{_short(data.get('sample_list_hash'))})",
         f"layers       {len(info['layers'])} stored: {_ranges(info['layers'])}",
         f"samples      {info['samples']}",
         f"tokens       vision {info['tokens']['vision']}, text {info['tokens']['text']} ("
@@ -74,6 +74,11 @@ def inspect_cmd(archives, as_json):
         + (f", compression ratio {info['compression_ratio']:.2f}x" if info["compression_ratio"] else ""),
     ]
     click.echo("\n".join(lines))
+
+
+def _short(digest) -> str:
+    """First 16 hex digits of a hash, without an algorithm prefix such as 'sha256:'."""
+    return str(digest).split(":")[-1][:16] if digest else "-"
 
 
 def _ranges(values: list[int]) -> str:

@@ -56,6 +56,9 @@ def study(config, jobs, devices, scheduler):
                              echo=click.echo)
     except (StudyConfigError, ConfigArgsError, StudyError, ArchiveError, AnalysisError) as exc:
         raise click.ClickException(str(exc)) from exc
+    for o in outcomes:
+        for w in (o.result or {}).get("warnings", []) if o.analyzed else []:
+            click.echo(f"warning: {o.checkpoint.name}: {w}", err=True)
     click.echo("")
     click.echo(f"{'step':>8} {'checkpoint':<24} {'MIR':>9} {'95% CI':>19}  work")
     for o in outcomes:
