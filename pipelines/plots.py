@@ -1,4 +1,4 @@
-"""Figures of analysis results (matplotlib, headless)."""
+"""Figures of analyses, studies and comparisons (matplotlib, headless)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,29 +6,70 @@ from pathlib import Path
 import xarray as xr
 
 
-def plot_layer_curve(ds: xr.Dataset, path: str | Path, title: str | None = None) -> Path:
-    """Per-layer FD (its mean and covariance terms stacked) with MIR in the title; PNG/PDF/SVG by suffix."""
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    return plt
 
+
+def _finish(fig, ax, path: str | Path) -> Path:
+    """Integer x ticks (layers, steps), grid, legend; save (format by suffix) and free the figure."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_layer_curve(ds: xr.Dataset, path: str | Path, title: str | None = None) -> Path:
+    """Per-layer FD (its mean and covariance terms stacked) with MIR in the title; PNG/PDF/SVG by suffix."""
+    plt = _pyplot()
     layers = ds["layer"].values
     fig, ax = plt.subplots(figsize=(7, 3.8), constrained_layout=True)
     ax.plot(layers, ds["fd"].values, marker="o", color="C0", label="FD (per-layer MIR)")
     ax.plot(layers, ds["fd_mean_term"].values, ls="--", color="C1", label="mean term ||Δμ||²")
     ax.plot(layers, ds["fd_covariance_term"].values, ls=":", color="C2", label="covariance term")
     ax.set_xlabel("layer")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("Fréchet distance (text-normalised)")
     mir = ds.attrs.get("mir")
     label = f"MIR = {mir:.4f}" if isinstance(mir, float) else "MIR"
     if "mir_ci_low" in ds.attrs:
         label += f"  (95% CI {ds.attrs['mir_ci_low']:.4f} – {ds.attrs['mir_ci_high']:.4f})"
     ax.set_title(title or f"{label}   [trace: {ds.attrs.get('sqrt_mode', '?')}]", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path)
+
+
+def plot_mir_by_step(rows: list[dict], path: str | Path) -> Path:
+    """MIR against training step, with bootstrap intervals where the study computed them."""
+    plt = _pyplot()
+    rows = [r for r in rows if r["mir"] is not None]
+    xs = [r["step"] if r["step"] is not None else i for i, r in enumerate(rows)]
+    ys = [r["mir"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 3.8), constrained_layout=True)
+    if all(r.get("ci_low") is not None for r in rows) and rows:
+        err = [[y - r["ci_low"] for y, r in zip(ys, rows)], [r["ci_high"] - y for y, r in zip(ys, rows)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label="MIR (95% bootstrap CI)")
+    else:
+        ax.plot(xs, ys, marker="o", label="MIR")
+    for x, y, r in zip(xs, ys, rows):
+        ax.annotate(r["checkpoint"], (x, y), textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
+    ax.set_xlabel("training step" if all(r["step"] is not None for r in rows) else "checkpoint")
+    ax.set_ylabel("MIR (lower = better integrated)")
+    return _finish(fig, ax, path)
+
+
+def plot_layer_curves(curves: dict[str, tuple[list[int], list[float], float]], path: str | Path) -> Path:
+    """Per-layer FD of several archives on one axis; `curves` maps label -> (layers, fds, mir)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.8), constrained_layout=True)
+    for label, (layers, fds, mir) in curves.items():
+        ax.plot(layers, fds, marker="o", label=f"{label} (MIR {mir:.4f})")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("Fréchet distance (text-normalised)")
+    ax.set_yscale("log")
+    return _finish(fig, ax, path)

@@ -193,7 +193,7 @@ def write_summary(out: Path, outcomes: list[CheckpointOutcome]) -> list[dict]:
                              _num(row["ci_high"]), row["mode"], row["n_samples"]]
                             + [_num(row["fd"].get(str(k))) for k in layers])
     if rows:
-        from .report_plots import plot_mir_by_step
+        from .plots import plot_mir_by_step
         plot_mir_by_step(rows, out / "mir_by_step.png")
     return rows
 

@@ -109,7 +109,7 @@ def compare(archives, labels, layers, text_tokens, mode, bootstrap, seed, schedu
     if json_path:
         Path(json_path).write_text(text + "\n")
     if plot_path:
-        from pipelines.report_plots import plot_layer_curves
+        from pipelines.plots import plot_layer_curves
         plot_layer_curves({lab: (result.layers, [s["fd"] for s in r.layers], r.mir)
                            for lab, r in zip(result.labels, result.results)}, plot_path)
         click.echo(f"plot: {plot_path}")
