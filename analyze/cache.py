@@ -9,7 +9,8 @@ deleted when a new one is written.
 Crash safety: an entry is written completely in a hidden temporary folder, marked complete last,
 then renamed into place (atomic on one filesystem). A reader accepts an entry only if the marker
 is set, the recorded key equals the wanted key and the arrays have the expected shapes; chunks carry
-CRC32C checksums. Anything else is a miss: the entry is removed and recomputed.
+CRC32C checksums, and every chunk file must be there (one lost in a copy would read as zeros).
+Anything else is a miss: the entry is removed and recomputed.
 """
 from __future__ import annotations
 
@@ -165,8 +166,9 @@ def _write_entry(path: Path, key: dict, stats: LayerStats) -> None:
         for name, value in arrays.items():
             value = np.asarray(value)
             chunks = (1,) + value.shape[1:] if name == "inlier_m2" else value.shape
-            arr = g.create_array(name, shape=value.shape, dtype=value.dtype, chunks=chunks, **_codecs())
-            arr[...] = value
+            g.create_array(name, shape=value.shape, dtype=value.dtype, chunks=chunks, **_codecs())
+            with zarr.config.set({"array.write_empty_chunks": True}):  # every chunk on disk: see _read_entry
+                g[name][...] = value
         meta["norms"][m] = vars(s.norms)
         meta["passes"][m] = s.passes
     meta["complete"] = True  # the marker, written last; the rename that follows publishes the entry
@@ -183,6 +185,9 @@ def _read_entry(path: Path, key: dict) -> LayerStats:
     mods = {}
     for m in MODALITIES:
         g = root[m]
+        for name, arr in g.arrays():  # a lost chunk file would read as zeros, i.e. wrong statistics
+            if arr.nchunks_initialized < arr.nchunks:
+                raise ValueError(f"'{m}/{name}' lacks chunk files")
         median = g["median"][...]
         d = median.shape[0]
         n_in, means, m2 = g["inlier_n"][...], g["inlier_mean"][...], g["inlier_m2"][...]

@@ -210,6 +210,8 @@ def load_image(path: Path):
         raise DataError(f"{path}: image file not found") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read the image file ({exc.strerror})") from exc
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not an image file")
     if size == 0:
         raise DataError(f"{path}: the image file is empty (0 bytes)")
     try:
@@ -218,6 +220,8 @@ def load_image(path: Path):
             return to_rgb(img)
     except UnidentifiedImageError as exc:
         raise DataError(f"{path}: not an image PIL can read (unknown format or corrupt header)") from exc
+    except Image.DecompressionBombError as exc:  # not an OSError: it would escape as a traceback
+        raise DataError(f"{path}: refused by Pillow's decompression-bomb guard ({exc})") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{path}: the image is corrupt or truncated ({exc})") from exc
 

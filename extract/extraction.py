@@ -298,7 +298,8 @@ def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = Non
     }
 
     if not resuming:  # cheap (texts only), so even with --no-preflight
-        runner.check_prompts(info.processor, layout, part.samples, opts.max_text_tokens)
+        runner.check_prompts(info.processor, layout, part.samples, opts.max_text_tokens,
+                             runner._max_positions(info.model))
     if resuming:
         writer = ArchiveWriter.open_for_append(out)
         try:
@@ -317,7 +318,8 @@ def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = Non
         try:
             if opts.preflight:
                 data_mod.preflight(data_mod.SampleList(tuple(todo), part.sources))
-            runner.check_prompts(info.processor, layout, todo, opts.max_text_tokens)
+            runner.check_prompts(info.processor, layout, todo, opts.max_text_tokens,
+                                 runner._max_positions(info.model))
         except BaseException:
             writer.abort()
             raise

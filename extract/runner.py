@@ -126,12 +126,23 @@ class BatchPreparer:
 
 
 def check_prompts(processor: Any, layout: PromptLayout, samples: Sequence[Sample],
-                  max_text_tokens: int | None = None) -> None:
+                  max_text_tokens: int | None = None, max_positions: int | None = None) -> None:
     """Render every sample's prompt once (cheap: no images, no model) so that a text the layout
-    cannot use fails before anything is written."""
+    cannot use fails before anything is written.
+
+    A text longer than the model's positions on its own fails here too: found mid-run, it would
+    leave a partial archive that `--resume` cannot finish, since adding --max-text-tokens changes
+    the settings. (Text plus image tokens just over the limit is still caught per batch.)
+    """
     for s in samples:
         text, _ = truncate_text(read_text(s), processor.tokenizer, max_text_tokens)
         render(layout, processor, text, describe(s))
+        # A token covers at least one UTF-8 byte, so only texts this long need counting.
+        if max_positions is not None and len(text.encode()) + 8 > max_positions:
+            n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if n > max_positions:
+                raise DataError(f"{describe(s)}: the text alone is {n} tokens, more than the model's "
+                                f"{max_positions} positions; use --max-text-tokens, or shorten or drop it")
 
 
 def describe(sample: Sample) -> str:

@@ -2,7 +2,9 @@
 
 Only the committed prefix (root attribute `commit`) is ever visible. Hidden states are read
 shard by shard (one shard = one Dask chunk); a chunk that fails to decode raises an
-ArchiveError naming the archive, array and token range instead of a codec traceback.
+ArchiveError naming the archive, array and token range instead of a codec traceback. Opening
+checks the structure a reader relies on (dimension names, shapes, the layer lists, offsets
+against the commit record), so a schema-breaking edit is refused instead of becoming numbers.
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ import xarray as xr
 import zarr
 
 from .schema import (HIDDEN, HIDDEN_DIMS, MODALITIES, SAMPLE_VARIABLES, SAMPLES_GROUP, TEXT_SELECTIONS,
-                     TOKEN_VARIABLES, ArchiveError, commit_key_for)
-from .store import check_codecs, is_writable_local, open_store, read_root_attrs
+                     TOKEN_VARIABLES, ArchiveError, commit_key_for, dimension_names)
+from .store import check_codecs, is_writable_local, missing_chunk_files, open_store, read_root_attrs
 
 SampleSpec = None | slice | Sequence[int] | np.ndarray | Sequence[str] | Callable[[xr.Dataset], np.ndarray]
 
@@ -45,7 +47,7 @@ class StoredArraySource:
             hint = (" If it is served over HTTP, the server must honour Range requests (nginx, Apache, S3 and "
                     "GCS do; `python -m http.server` does not)." if self.location.startswith("http") else "")
             raise ArchiveError(
-                f"{self.location}: array '{self.path}', region {_describe(key)} cannot be read "
+                f"{self.location}: array '{self.path}', region {_describe(key, self.shape)} cannot be read "
                 f"({type(exc).__name__}: {exc}). The archive is damaged; run `mir validate {self.location}`."
                 + hint) from exc
 
@@ -53,10 +55,15 @@ class StoredArraySource:
         return {**self.__dict__, "_array": None}
 
 
-def _describe(key) -> str:
+def _describe(key, shape: tuple) -> str:
+    """The region as index ranges, e.g. [1:2, 0:4096, 0:4096] (open ends filled in from the shape)."""
     parts = []
-    for k in key if isinstance(key, tuple) else (key,):
-        parts.append(f"{k.start}:{k.stop}" if isinstance(k, slice) else str(k))
+    for k, size in zip(key if isinstance(key, tuple) else (key,), shape):
+        if isinstance(k, slice):
+            start, stop, _ = k.indices(size)
+            parts.append(f"{start}:{stop}")
+        else:
+            parts.append(str(k))
     return "[" + ", ".join(parts) + "]"
 
 
@@ -71,14 +78,15 @@ class _Part:
         self.commit = self.attrs["commit"]
         try:
             self.group = zarr.open_group(store, mode="r", zarr_format=3)
-            self.layers = np.asarray(self._array("vision/layer")[:], dtype=np.int64)
+            self.layers = self._read_layers()
             self.index = {m: {name: self._read_1d(f"{m}/{name}", f"{m}_tokens") for name in TOKEN_VARIABLES[m]}
                           for m in MODALITIES}
             self.table = {name: self._read_1d(f"{SAMPLES_GROUP}/{name}", commit_key_for(SAMPLES_GROUP, name))
                           for name in SAMPLE_VARIABLES}
+            self.hidden = {m: self._hidden(m) for m in MODALITIES}
         except KeyError as exc:
             raise ArchiveError(f"{self.location}: array {exc} is missing; run `mir validate {self.location}`") from exc
-        self.hidden = {m: self._hidden(m) for m in MODALITIES}
+        self._check_offsets()
 
     def _array(self, path: str) -> zarr.Array:
         try:
@@ -88,8 +96,56 @@ class _Part:
         except Exception as exc:
             raise ArchiveError(f"{self.location}: the metadata of array '{path}' is unreadable "
                                f"({type(exc).__name__}: {exc}); run `mir validate {self.location}`") from exc
+        if not isinstance(arr, zarr.Array):
+            raise ArchiveError(f"{self.location}: '{path}' is a group, expected an array; run "
+                               f"`mir validate {self.location}`")
         check_codecs(arr, self.location, path)
+        names, expected = tuple(arr.metadata.dimension_names or ()), dimension_names(path)
+        if names != expected:
+            raise ArchiveError(f"{self.location}: array '{path}' has dimensions {names}, expected {expected}; the "
+                               f"archive does not follow its schema (run `mir validate {self.location}`)")
+        # Every chunk file of the committed region must be there: zarr would read a lost one as zeros.
+        group, name = path.split("/")
+        length = arr.shape[0] if name == "layer" else self.commit[commit_key_for(group, name)]
+        missing = missing_chunk_files(self.location, path, arr, length, 1 if name == HIDDEN else 0)
+        if missing:
+            raise ArchiveError(f"{self.location}: array '{path}' lacks chunk file(s) {', '.join(missing[:5])} of its "
+                               "committed region (missing or empty); the archive is incomplete or damaged, was it "
+                               "copied completely? (run `mir validate`)")
         return arr
+
+    def _read_layers(self) -> np.ndarray:
+        """The stored layer indices; both modalities must list the same distinct ones."""
+        found = []
+        for m in MODALITIES:
+            arr = self._array(f"{m}/layer")
+            source = StoredArraySource(self.location, self.storage_options, f"{m}/layer", arr.shape, arr.dtype)
+            found.append(np.asarray(source[:], dtype=np.int64))
+        vision, text = found
+        if not np.array_equal(vision, text) or np.unique(vision).size != vision.size or (vision < 0).any():
+            raise ArchiveError(f"{self.location}: 'vision/layer' {vision.tolist()} and 'text/layer' {text.tolist()} "
+                               "must list the same distinct layers; the archive is damaged (run `mir validate`)")
+        return vision
+
+    def _check_offsets(self) -> None:
+        """Each sample's token slices must tile the committed token axes exactly, as the commit record says."""
+        n = self.commit["samples"]
+        for prefix, count_name, total in (("vision", "vision_count", "vision_tokens"),
+                                          ("text", "text_count", "text_tokens"),
+                                          ("input", "input_length", "input_tokens")):
+            offsets = np.asarray(self.table[f"{prefix}_offset"], dtype=np.int64)
+            counts = np.asarray(self.table[count_name], dtype=np.int64)
+            expected = np.concatenate([[0], np.cumsum(counts)[:-1]]) if n else offsets
+            if (counts < 0).any() or not np.array_equal(offsets, expected) or int(counts.sum()) != self.commit[total]:
+                raise ArchiveError(f"{self.location}: 'samples/{prefix}_offset' and 'samples/{count_name}' disagree "
+                                   f"with each other or with the commit record ({self.commit[total]} {total}); the "
+                                   "archive is damaged (run `mir validate`)")
+            if prefix in MODALITIES:
+                sample = np.asarray(self.index[prefix]["sample"], dtype=np.int64)
+                if sample.size and ((sample[1:] < sample[:-1]).any() or sample[0] < 0 or sample[-1] >= n
+                                    or not np.array_equal(np.bincount(sample, minlength=n), counts)):
+                    raise ArchiveError(f"{self.location}: '{prefix}/sample' does not match 'samples/{count_name}'; "
+                                       "the archive is damaged (run `mir validate`)")
 
     def _read_1d(self, path: str, key: str) -> np.ndarray:
         n = self.commit[key]
@@ -102,6 +158,12 @@ class _Part:
 
     def _hidden(self, modality: str) -> da.Array:
         arr = self._array(f"{modality}/{HIDDEN}")
+        storage = self.attrs["storage"]
+        want = (self.layers.size, int(storage["hidden_size"]))
+        if arr.ndim != 3 or (arr.shape[0], arr.shape[2]) != want or arr.dtype != np.dtype(storage["dtype"]):
+            raise ArchiveError(f"{self.location}: '{modality}/hidden' has shape {arr.shape} and dtype {arr.dtype}, but "
+                               f"the layer list and root attribute 'storage' say ({want[0]}, tokens, {want[1]}) "
+                               f"{storage['dtype']}; the archive is damaged (run `mir validate`)")
         n = self.commit[f"{modality}_tokens"]
         if arr.shape[1] < n:
             raise ArchiveError(f"{self.location}: '{modality}/hidden' holds {arr.shape[1]} tokens but the commit "

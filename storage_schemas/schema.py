@@ -58,6 +58,18 @@ SAMPLE_VARIABLES: dict[str, tuple[str, str]] = {
     "input_ids": ("input_token", "int64"),
 }
 
+def dimension_names(path: str) -> tuple[str, ...]:
+    """The dimension names array `path` ("group/name") must carry."""
+    group, name = path.split("/")
+    if name == HIDDEN:
+        return HIDDEN_DIMS
+    if name == "layer":
+        return ("layer",)
+    if group in MODALITIES:
+        return ("token",)
+    return (SAMPLE_VARIABLES[name][0],)
+
+
 # The commit record's keys and which arrays' leading length each one governs.
 COMMIT_KEYS = ("samples", "vision_tokens", "text_tokens", "input_tokens")
 

@@ -1,6 +1,7 @@
 """Opening archives from a local path or any fsspec URL, and the first checks on what is there."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -96,3 +97,28 @@ def check_codecs(array: zarr.Array, location: str, path: str) -> None:
     if bad:
         raise ArchiveError(f"{location}: array '{path}' names codecs {bad}, which a mir archive never uses; "
                            "refusing to decode it (an archive must not be able to run code on the reader)")
+
+
+def missing_chunk_files(location: str | Path, path: str, array: zarr.Array, length: int, axis: int) -> list[str]:
+    """Chunk (shard) files of array `path` that its first `length` entries along `axis` need but that are
+    absent or empty, for a local archive ([] for remote ones, which are not listed).
+
+    Zarr reads a missing chunk as fill values, so a file lost in a copy would otherwise become zeros
+    that look like data. The writer stores every chunk, even an all-zero one, so none may be missing.
+    """
+    location = str(location)
+    if is_remote(location) or length <= 0 or 0 in array.shape or axis >= array.ndim:
+        return []
+    root = Path(location.removeprefix("file://")).expanduser() / path
+    grid = array.shards or array.chunks
+    ranges = [range(-(-size // step)) for size, step in zip(array.shape, grid)]
+    ranges[axis] = range(-(-min(length, array.shape[axis]) // grid[axis]))
+    missing = []
+    for index in itertools.product(*ranges):
+        key = array.metadata.encode_chunk_key(index)
+        try:
+            if (root / key).stat().st_size == 0:
+                missing.append(key)
+        except FileNotFoundError:
+            missing.append(key)
+    return missing

@@ -13,7 +13,7 @@ import zarr
 
 from .schema import (HIDDEN, HIDDEN_DIMS, MODALITIES, SAMPLE_VARIABLES, SAMPLES_GROUP, TOKEN_VARIABLES,
                      ArchiveError, TextRole, commit_key_for)
-from .store import check_codecs, open_store, read_root_attrs
+from .store import check_codecs, missing_chunk_files, open_store, read_root_attrs
 
 
 @dataclass
@@ -44,6 +44,7 @@ def validate_archive(location: str | Path, storage_options: dict | None = None, 
     arrays = _open_arrays(group, report)
     if report.problems:
         return report
+    _check_files(report.location, arrays, commit, report)
     _check_shapes(arrays, attrs, commit, report)
     if report.problems:
         return report
@@ -109,7 +110,14 @@ def _check_shapes(arrays: dict, attrs: dict, commit: dict, report: ValidationRep
                                    f"{hidden_size}")
         if hidden.dtype != np.dtype(attrs["storage"]["dtype"]):
             report.problems.append(f"'{m}/hidden' is {hidden.dtype}, storage.dtype says {attrs['storage']['dtype']}")
-    if not np.array_equal(arrays["vision/layer"][:], arrays["text/layer"][:]):
+    layer_lists = []
+    for path in ("vision/layer", "text/layer"):
+        try:
+            layer_lists.append(arrays[path][:])
+        except Exception as exc:  # a damaged chunk: report it instead of crashing
+            report.problems.append(f"'{path}' chunk (entries 0:{arrays[path].shape[0]}) is damaged: "
+                                   f"{type(exc).__name__}: {exc}")
+    if len(layer_lists) == 2 and not np.array_equal(*layer_lists):
         report.problems.append("'vision/layer' and 'text/layer' list different layers")
     interrupted = False
     for path, arr in arrays.items():
@@ -126,6 +134,15 @@ def _check_shapes(arrays: dict, attrs: dict, commit: dict, report: ValidationRep
     if interrupted:
         report.warnings.append("an append was interrupted: some arrays extend past the commit record; readers "
                                "ignore the extra entries and the next writer truncates them")
+
+
+def _check_files(location: str, arrays: dict, commit: dict, report: ValidationReport) -> None:
+    """Chunk files of the committed region that are missing or empty (zarr would read them as zeros)."""
+    for path, arr in arrays.items():
+        group, name = path.split("/")
+        length = arr.shape[0] if name == "layer" else commit[commit_key_for(group, name)]
+        for key in missing_chunk_files(location, path, arr, length, 1 if name == HIDDEN else 0):
+            report.problems.append(f"'{path}' chunk file '{key}' is missing or empty (inside the committed region)")
 
 
 def _check_tables(arrays: dict, commit: dict, report: ValidationReport) -> None:

@@ -107,6 +107,7 @@ class ArchiveWriter:
         lock = WriterLock(path).acquire()
         try:
             group = zarr.open_group(zarr.storage.LocalStore(path), mode="r+", zarr_format=3)
+            _remove_partial_files(path)
             rolled = _truncate_to_commit(group, attrs["commit"])
             writer = cls(path, group, lock, **writer_options)
             writer.rolled_back_tokens = rolled
@@ -150,7 +151,8 @@ class ArchiveWriter:
         records, self._buffer, self._buffered_bytes = self._buffer, [], 0
         before = self.committed
         try:
-            new = _write_batch(self.group, before, records) if records else before
+            with zarr.config.set({"array.write_empty_chunks": True}):  # see store.missing_chunk_files
+                new = _write_batch(self.group, before, records) if records else before
             new = {**new, "generation": before["generation"] + 1}
             update = {**self._pending_attrs, "commit": new}
             self.group.attrs.update(update)  # the commit point: one atomic replace of zarr.json
@@ -212,9 +214,12 @@ def _create_modality(root: zarr.Group, modality: str, layers: list[int], hidden_
         dimension_names=HIDDEN_DIMS,
         attributes={"coordinates": " ".join(token_vars), "source_dtype": source,
                     "long_name": f"{modality}-token hidden states"})
-    layer = grp.create_array("layer", shape=(len(layers),), dtype="int32", dimension_names=("layer",),
-                             attributes={"long_name": "index into the model's hidden_states tuple"})
-    layer[:] = np.asarray(layers, dtype="int32")
+    # Checksummed like every other array: without it a flipped byte silently relabels layers.
+    grp.create_array("layer", shape=(len(layers),), dtype="int32", dimension_names=("layer",),
+                     compressors=index_compressors(),
+                     attributes={"long_name": "index into the model's hidden_states tuple"})
+    with zarr.config.set({"array.write_empty_chunks": True}):  # [0] equals the fill value, store it anyway
+        grp["layer"][:] = np.asarray(layers, dtype="int32")
     for name, dt in token_vars.items():
         extra = {"flag_values": [int(r) for r in TextRole], "flag_meanings": ROLE_MEANINGS} if name == "role" else {}
         _create_1d(grp, name, "token", dt, extra)
@@ -234,6 +239,13 @@ def _growing_arrays(group: zarr.Group):
             yield group[f"{modality}/{name}"], 0, f"{modality}_tokens"
     for name in SAMPLE_VARIABLES:
         yield group[f"{SAMPLES_GROUP}/{name}"], 0, commit_key_for(SAMPLES_GROUP, name)
+
+
+def _remove_partial_files(path: Path) -> None:
+    """Delete temporary files a killed writer left behind (zarr writes `<key>.<uuid>.partial`, then
+    renames). Safe here: the caller holds the writer lock, so no live writer owns them."""
+    for leftover in path.rglob("*.partial"):
+        leftover.unlink(missing_ok=True)
 
 
 def _truncate_to_commit(group: zarr.Group, commit: dict) -> int:
