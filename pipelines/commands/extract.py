@@ -51,7 +51,8 @@ def extract(model, out, images, texts, manifest, num, seed, batch_size, device, 
             commit_every, compression, no_preflight, dry_run, quiet):
     """Run MODEL once per image-text sample and store every layer's vision- and text-token hidden states."""
     from extract.errors import ExtractError
-    from extract.extraction import ExtractOptions, estimate, parse_shard
+    from extract.extraction import ExtractOptions, parse_shard
+    from extract.plan import estimate
     from extract.extraction import extract as run_extract
 
     try:
