@@ -241,7 +241,7 @@ def check_resume(existing: dict[str, Any], wanted: dict[str, Any], path: Path) -
 # ----------------------------------------------------------------------------- the job
 def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = None) -> ExtractResult:
     """Run one extraction (or resume one); return what it did."""
-    from . import loading, runner
+    from . import batching, loading, runner
 
     say = on_info or (lambda msg: log.info(msg))
     if opts.text_tokens not in TEXT_TOKEN_RULES:
@@ -298,8 +298,8 @@ def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = Non
     }
 
     if not resuming:  # cheap (texts only), so even with --no-preflight
-        runner.check_prompts(info.processor, layout, part.samples, opts.max_text_tokens,
-                             runner._max_positions(info.model))
+        batching.check_prompts(info.processor, layout, part.samples, opts.max_text_tokens,
+                             batching.max_positions(info.model))
     if resuming:
         writer = ArchiveWriter.open_for_append(out)
         try:
@@ -318,8 +318,8 @@ def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = Non
         try:
             if opts.preflight:
                 data_mod.preflight(data_mod.SampleList(tuple(todo), part.sources))
-            runner.check_prompts(info.processor, layout, todo, opts.max_text_tokens,
-                                 runner._max_positions(info.model))
+            batching.check_prompts(info.processor, layout, todo, opts.max_text_tokens,
+                                 batching.max_positions(info.model))
         except BaseException:
             writer.abort()
             raise
@@ -333,7 +333,7 @@ def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = Non
     run_record["samples_planned"] = len(todo)
     stored_dtype = np.float16 if info.dtype == "float16" else np.float32
 
-    def make_record(ps: runner.PreparedSample, vision: np.ndarray, text: np.ndarray) -> SampleRecord:
+    def make_record(ps: batching.PreparedSample, vision: np.ndarray, text: np.ndarray) -> SampleRecord:
         t = ps.tokens
         return SampleRecord(
             sample_id=ps.sample.sample_id, image=ps.sample.image_ref, text=ps.sample.text_ref,

@@ -50,7 +50,7 @@ class Plan:
 
 def estimate(opts: ExtractOptions, *, probe: int = 16) -> Plan:
     """Check sources and model files and estimate the archive size, without loading weights."""
-    from . import loading, runner
+    from . import batching, loading
 
     layout = PromptLayout.from_option(opts.template)
     full = sample_list(opts)
@@ -68,8 +68,8 @@ def estimate(opts: ExtractOptions, *, probe: int = 16) -> Plan:
     else:
         dtype = str(getattr(text_config, "dtype", None) or getattr(config, "dtype", None) or "float32")
         dtype = dtype.removeprefix("torch.")
-    preparer = runner.BatchPreparer(processor, image_token_id, layout, max_text_tokens=opts.max_text_tokens,
-                                    max_positions=runner._max_positions(config))
+    preparer = batching.BatchPreparer(processor, image_token_id, layout, max_text_tokens=opts.max_text_tokens,
+                                    max_positions=batching.max_positions(config))
     nv = nt = 0
     for i in range(0, len(head), opts.batch_size):
         batch = preparer.prepare(list(head[i:i + opts.batch_size]))

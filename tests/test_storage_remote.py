@@ -1,7 +1,6 @@
 """Archives read from real HTTP and S3 servers on 127.0.0.1 equal the same archive read from disk."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from storage_schemas import ArchiveError, open_archive, validate_archive

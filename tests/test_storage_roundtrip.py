@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from storage_schemas import (ArchiveError, ArchiveLockedError, ArchiveWriter, SampleRecord, TextRole,
+from storage_schemas import (ArchiveError, ArchiveLockedError, ArchiveWriter, TextRole,
                              merge_archives, open_archive, validate_archive)
 from storage_schemas.synth import synthetic_records, write_synthetic_archive
 
