@@ -20,7 +20,8 @@ import xarray as xr
 import zarr
 
 from .schema import (HIDDEN, HIDDEN_DIMS, MODALITIES, SAMPLE_VARIABLES, SAMPLES_GROUP, TEXT_SELECTIONS,
-                     TOKEN_VARIABLES, ArchiveError, commit_key_for, dimension_names)
+                     TOKEN_VARIABLES, ArchiveError, commit_key_for, dimension_names, offsets_mismatch,
+                     sample_index_matches)
 from .store import check_codecs, is_writable_local, missing_chunk_files, open_store, read_root_attrs
 
 SampleSpec = None | slice | Sequence[int] | np.ndarray | Sequence[str] | Callable[[xr.Dataset], np.ndarray]
@@ -129,23 +130,17 @@ class _Part:
 
     def _check_offsets(self) -> None:
         """Each sample's token slices must tile the committed token axes exactly, as the commit record says."""
-        n = self.commit["samples"]
         for prefix, count_name, total in (("vision", "vision_count", "vision_tokens"),
                                           ("text", "text_count", "text_tokens"),
                                           ("input", "input_length", "input_tokens")):
-            offsets = np.asarray(self.table[f"{prefix}_offset"], dtype=np.int64)
-            counts = np.asarray(self.table[count_name], dtype=np.int64)
-            expected = np.concatenate([[0], np.cumsum(counts)[:-1]]) if n else offsets
-            if (counts < 0).any() or not np.array_equal(offsets, expected) or int(counts.sum()) != self.commit[total]:
+            counts = self.table[count_name]
+            if offsets_mismatch(self.table[f"{prefix}_offset"], counts, self.commit[total])[0]:
                 raise ArchiveError(f"{self.location}: 'samples/{prefix}_offset' and 'samples/{count_name}' disagree "
                                    f"with each other or with the commit record ({self.commit[total]} {total}); the "
                                    "archive is damaged (run `mir validate`)")
-            if prefix in MODALITIES:
-                sample = np.asarray(self.index[prefix]["sample"], dtype=np.int64)
-                if sample.size and ((sample[1:] < sample[:-1]).any() or sample[0] < 0 or sample[-1] >= n
-                                    or not np.array_equal(np.bincount(sample, minlength=n), counts)):
-                    raise ArchiveError(f"{self.location}: '{prefix}/sample' does not match 'samples/{count_name}'; "
-                                       "the archive is damaged (run `mir validate`)")
+            if prefix in MODALITIES and not sample_index_matches(self.index[prefix]["sample"], counts):
+                raise ArchiveError(f"{self.location}: '{prefix}/sample' does not match 'samples/{count_name}'; "
+                                   "the archive is damaged (run `mir validate`)")
 
     def _read_1d(self, path: str, key: str) -> np.ndarray:
         n = self.commit[key]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+import numpy as np
+
 SCHEMA_NAME = "mir-archive"
 SCHEMA_MAJOR = 1
 SCHEMA_VERSION = f"{SCHEMA_NAME}/{SCHEMA_MAJOR}"
@@ -89,3 +91,24 @@ class ArchiveError(Exception):
 
 class ArchiveLockedError(ArchiveError):
     """Another live process holds the archive's writer lock."""
+
+
+def offsets_mismatch(offsets, counts, total: int) -> tuple[bool, int | None]:
+    """Whether per-sample `offsets` and `counts` fail to tile a token axis of `total` entries.
+
+    Returns (mismatch, first sample whose offset is off, or None when only the counts or the
+    total are wrong). One rule for the reader (which refuses) and `mir validate` (which reports).
+    """
+    offsets, counts = np.asarray(offsets, dtype=np.int64), np.asarray(counts, dtype=np.int64)
+    expected = np.concatenate([[0], np.cumsum(counts)[:-1]]) if counts.size else offsets
+    off = np.flatnonzero(offsets != expected) if offsets.shape == expected.shape else np.array([0])
+    bad = int(off[0]) if off.size else None
+    return bool((counts < 0).any() or bad is not None or int(counts.sum()) != total), bad
+
+
+def sample_index_matches(sample, counts) -> bool:
+    """Whether a token axis' `sample` coordinate is sample 0 `counts[0]` times, then 1, ... in order."""
+    sample, counts = np.asarray(sample, dtype=np.int64), np.asarray(counts, dtype=np.int64)
+    if (counts < 0).any() or int(counts.sum()) != sample.size:
+        return False
+    return bool(np.array_equal(sample, np.repeat(np.arange(counts.size), counts)))

@@ -12,7 +12,8 @@ import numpy as np
 import zarr
 
 from .schema import (HIDDEN, HIDDEN_DIMS, MODALITIES, SAMPLE_VARIABLES, SAMPLES_GROUP, TOKEN_VARIABLES,
-                     ArchiveError, TextRole, commit_key_for)
+                     ArchiveError, TextRole, commit_key_for, offsets_mismatch,
+                     sample_index_matches)
 from .store import check_codecs, missing_chunk_files, open_store, read_root_attrs
 
 
@@ -162,10 +163,8 @@ def _check_tables(arrays: dict, commit: dict, report: ValidationReport) -> None:
         report.problems.append("samples/sample_id: sample ids are not unique")
     for prefix, total_key in (("vision", "vision_tokens"), ("text", "text_tokens"), ("input", "input_tokens")):
         count_name = "input_length" if prefix == "input" else f"{prefix}_count"
-        offsets, counts = table[f"{prefix}_offset"].astype(np.int64), table[count_name].astype(np.int64)
-        expected = np.concatenate([[0], np.cumsum(counts)[:-1]]) if n else offsets
-        if (counts < 0).any() or not np.array_equal(offsets, expected) or int(counts.sum()) != commit[total_key]:
-            bad = int(np.flatnonzero(offsets != expected)[0]) if n and not np.array_equal(offsets, expected) else None
+        mismatch, bad = offsets_mismatch(table[f"{prefix}_offset"], table[count_name], commit[total_key])
+        if mismatch:
             where = f" (first at sample {bad}, id {ids[bad]!r})" if bad is not None else ""
             report.problems.append(f"samples/{prefix}_offset and {count_name} are inconsistent with each other or "
                                    f"with the commit record ({commit[total_key]} tokens){where}")
@@ -174,8 +173,7 @@ def _check_tables(arrays: dict, commit: dict, report: ValidationReport) -> None:
         position = read(f"{m}/position", f"{m}_tokens")
         if sample is None or position is None:
             continue
-        expected = np.repeat(np.arange(n), table[f"{m}_count"].astype(np.int64)) if n else sample
-        if sample.shape != expected.shape or not np.array_equal(sample, expected):
+        if not sample_index_matches(sample, table[f"{m}_count"]):
             report.problems.append(f"'{m}/sample' does not match samples/{m}_offset and {m}_count")
         elif n and ((position < 0) | (position >= table["input_length"][sample])).any():
             report.problems.append(f"'{m}/position' holds positions outside their sample's input sequence")
