@@ -47,7 +47,7 @@ def _selection_options(fn):
     return fn
 
 
-def _run(archives, layers, samples, where, text_tokens, scheduler, workers, memory_limit, precision, no_cache,
+def run_analysis(archives, layers, samples, where, text_tokens, scheduler, workers, memory_limit, precision, no_cache,
          cache_dir, progress, **extra):
     from dask.utils import parse_bytes
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
@@ -109,7 +109,7 @@ def _fmt(x: float, width: int = 11) -> str:
               help="Plot the per-layer curve (PNG, PDF or SVG by suffix).")
 def analyze_cmd(json_path, netcdf_path, plot_path, **kwargs):
     """Compute MIR (log10 of the summed per-layer Fréchet distances) of ARCHIVES (parts read as one)."""
-    result = _run(**kwargs)
+    result = run_analysis(**kwargs)
     _emit_json(result, json_path)
     if json_path != "-":
         click.echo(format_result(result))
@@ -150,7 +150,7 @@ def format_result(result) -> str:
 @_selection_options
 def stats_cmd(json_path, **kwargs):
     """Per-layer, per-modality distribution statistics of ARCHIVES: norms, outliers, variance, spectrum."""
-    result = _run(**kwargs)
+    result = run_analysis(**kwargs)
     _emit_json(result, json_path)
     if json_path != "-":
         click.echo(_stats_table(result))
@@ -173,6 +173,3 @@ def _stats_table(result) -> str:
                      f"{s['centroid_cosine']:.4f}")
     return "\n".join(lines)
 
-
-# Public name for the flows (study, demo) that run the same analysis as `mir analyze`.
-run_analysis = _run
