@@ -1,11 +1,14 @@
-"""The passes over the data that turn a Selection into per-layer sufficient statistics.
+"""The reads of the data that turn a Selection into per-layer sufficient statistics.
 
-Pass 1 reads every block once: token norms and the first byte of every column's median. The
-client then knows, exactly and in memory, each modality's norm median, std and outlier rows.
-Pass 2 reads every block again: moments of the non-outlier rows per block of samples, and the
-second median byte (which completes it for float16 and bfloat16 archives). float32 archives need
-one or two more median-only passes. Each pass is one Dask computation over a group of layers;
-memory is a few blocks per worker thread plus the d x d statistics of the layers in the group.
+Most analyses read every block once (the scan, kernels.scan_block): token norms, the median's top
+byte, its second byte within a guessed window, and the moments of the rows that are surely not
+outliers, with the other rows kept raw. The client then knows, exactly and in memory, each
+modality's norm median, std and outlier rows, checks the guesses, and finishes the moments and the
+median without reading again. Where a guess missed (an outlier among the rows taken as sure, too
+many raw rows, a median outside its window), a second read computes exactly what is missing for
+that layer and modality. float32 archives need one or two more median-only reads. Each read is one
+Dask computation over a group of layers; memory is a few blocks per worker thread plus the d x d
+statistics of the layers in the group; each layer's scan is finished (scan.py) on a worker.
 """
 from __future__ import annotations
 
@@ -18,15 +21,15 @@ import numpy as np
 
 from . import kernels
 from .errors import AnalysisError
-from .moments import Moments
+from .moments import FLOAT32_SAFE_NORM, Moments
 from .radix import RadixState, merge_gathers
 from .runner import Runner
+from .scan import finish_scan, merge_moments, merge_scan, runs
 from .stats import LayerStats, ModalityStats, NormSummary
 
 log = logging.getLogger(__name__)
 MODALITIES = ("vision", "text")
 STATS_VERSION = 1
-FLOAT32_SAFE_NORM = 1e15
 
 
 @dataclass
@@ -43,7 +46,9 @@ class Unit:
     norms: np.ndarray | None = None
     outliers: np.ndarray | None = None
     summary: NormSummary | None = None
-    result: dict | None = None
+    scan: dict | None = None  # the scan's merged results
+    inliers: dict | None = None  # sample block -> Moments of the non-outlier rows, once known
+    rows: np.ndarray | None = None  # all rows, small units only
     passes: int = 0
 
     @property
@@ -93,33 +98,11 @@ def make_units(selection, layers: list[int], blocks: int) -> list[Unit]:
     return units
 
 
-def _groups(ids: np.ndarray) -> list[tuple[int, int, int]]:
-    """Runs (block id, start, end) of equal consecutive ids."""
-    if len(ids) == 0:
-        return []
-    cut = np.flatnonzero(np.diff(ids)) + 1
-    starts = np.concatenate([[0], cut])
-    ends = np.concatenate([cut, [len(ids)]])
-    return [(int(ids[s]), int(s), int(e)) for s, e in zip(starts, ends)]
-
-
 def _tree(items: list, combine: Callable):
     while len(items) > 1:
         items = [dask.delayed(combine, pure=True)(items[i], items[i + 1]) if i + 1 < len(items) else items[i]
                  for i in range(0, len(items), 2)]
     return items[0]
-
-
-def _field(result: dict, name: str):
-    return result.get(name, False)
-
-
-def _add(a, b):
-    return a + b
-
-
-def _any(a, b):
-    return a or b
 
 
 def _merge_radix(a, b):
@@ -128,68 +111,63 @@ def _merge_radix(a, b):
     return ("gather", merge_gathers([a[1], b[1]]))
 
 
-def _merge_pass2(a: dict, b: dict) -> dict:
-    out = {}
-    moments = dict(a["moments"])
-    for gid, m in b["moments"].items():
-        moments[gid] = moments[gid].merge(m) if gid in moments else m
-    out["moments"] = moments
+def _merge_second(a: dict, b: dict) -> dict:
+    out = {"moments": merge_moments(a["moments"], b["moments"])}
     if "radix" in a:
         out["radix"] = _merge_radix(a["radix"], b["radix"])
-    if "rows" in a:
-        out["rows"] = np.concatenate([a["rows"], b["rows"]])
     return out
 
 
-# ---------------------------------------------------------------------------- passes
-def _pass1(units: list[Unit], runner: Runner) -> None:
+# ---------------------------------------------------------------------------- reads
+def _scan(units: list[Unit], runner: Runner, precision: str) -> None:
     graph = []
     for u in units:
-        scans = [dask.delayed(kernels.scan_block, pure=True)(b, u.key_bytes == 2 and u.array.dtype.itemsize == 4)
-                 for b in u.blocks()]
-        norms = [dask.delayed(_field, pure=True)(s, "norms") for s in scans]
-        hist = _tree([dask.delayed(_field, pure=True)(s, "hist") for s in scans], _add)
-        low = _tree([dask.delayed(_field, pure=True)(s, "low_bits") for s in scans], _any)
-        graph.append((norms, hist, low))
-    results = runner.compute(graph, "pass 1/2: token norms and first median byte")
-    for u, (norms, hist, low) in zip(units, results):
-        u.norms = np.concatenate(norms)
+        check_low = u.key_bytes == 2 and u.array.dtype.itemsize == 4
+        parts = []
+        for blk, (a, b) in zip(u.blocks(), u.bounds()):
+            groups = [] if u.small else runs(u.block_ids[a:b])
+            parts.append(dask.delayed(kernels.scan_block, pure=True)(blk, a, groups, precision, u.small, check_low))
+        graph.append(dask.delayed(finish_scan, pure=True)(_tree(parts, merge_scan), u.block_ids, u.array.dtype,
+                                                           u.key_bytes, precision))
+    results = runner.compute(graph, "read 1: norms, median bytes, moments")
+    for u, found in zip(units, results):
+        u.norms = found.norms
         bad = ~np.isfinite(u.norms)
         if bad.any():
             tok = int(np.flatnonzero(bad)[0])
             raise AnalysisError(f"layer {u.layer}, {u.modality}: token {tok} (sample row {int(u.samples[tok])}) "
                                 f"holds NaN or Inf values ({int(bad.sum())} such tokens); MIR is undefined. "
                                 "Exclude those samples with --samples / --where.")
-        if low and u.key_bytes == 2:
+        if found.low_bits and u.key_bytes == 2:
             log.warning("layer %s %s: the archive says bfloat16 but low 16 bits are set; using all 32 bits",
                         u.layer, u.modality)
-            u.key_bytes = 4
-        u.summary = NormSummary.of(u.norms)
-        u.outliers = u.summary.outliers(u.norms)
-        u.state = RadixState.start(u.array.dtype, u.n, u.d, u.key_bytes)
-        u.state.apply_histogram(hist)
+        u.summary, u.outliers, u.state = found.summary, found.outliers, found.state
+        u.inliers, u.rows = found.inliers, found.rows
         u.passes = 1
 
 
-def _pass2(units: list[Unit], runner: Runner, precision: str) -> None:
+def _second_read(units: list[Unit], runner: Runner, precision: str) -> None:
+    """For the units whose scan guesses missed: exact inlier moments and/or the next median byte."""
+    todo = [u for u in units if not u.small and (u.inliers is None or not u.state.done)]
+    if not todo:
+        return
     graph = []
-    for u in units:
+    for u in todo:
         step = None if u.state.done else u.state.request()
-        # float32 products would overflow beyond ~1e19 per value: such data gets float64 products
         precision_u = "float64" if u.summary.maximum > FLOAT32_SAFE_NORM else precision
         parts = []
         for blk, (a, b) in zip(u.blocks(), u.bounds()):
-            groups = [] if u.small else _groups(u.block_ids[a:b])
-            parts.append(dask.delayed(kernels.moments_block, pure=True)(
-                blk, u.outliers[a:b], groups, step, precision_u, u.small))
-        graph.append(_tree(parts, _merge_pass2))
-    label = "pass 2/2: moments of non-outlier tokens" + (", median bytes" if any(not u.state.done for u in units)
-                                                         else "")
-    results = runner.compute(graph, label)
-    for u, res in zip(units, results):
+            groups = [] if u.inliers is not None else runs(u.block_ids[a:b])
+            parts.append(dask.delayed(kernels.moments_block, pure=True)(blk, u.outliers[a:b], groups, step,
+                                                                        precision_u))
+        graph.append(_tree(parts, _merge_second))
+    log.info("a second read for %d of %d layer/modality pairs (scan guesses missed)", len(todo), len(units))
+    results = runner.compute(graph, "read 2: what the first read's guesses missed")
+    for u, res in zip(todo, results):
         if "radix" in res:
             _apply(u.state, res["radix"])
-        u.result = res
+        if u.inliers is None:
+            u.inliers = res["moments"]
         u.passes = 2
 
 
@@ -209,7 +187,7 @@ def _median_passes(units: list[Unit], runner: Runner) -> None:
             step = u.state.request()
             graph.append(_tree([dask.delayed(kernels.radix_block, pure=True)(b, step) for b in u.blocks()],
                                _merge_radix))
-        for u, res in zip(pending, runner.compute(graph, "extra pass: median bytes (float32 archive)")):
+        for u, res in zip(pending, runner.compute(graph, "extra read: median bytes (float32 archive)")):
             _apply(u.state, res)
             u.passes += 1
         pending = [u for u in pending if not u.state.done]
@@ -224,13 +202,12 @@ def _modality_stats(u: Unit, k: int) -> ModalityStats:
     median = u.state.values
     rows = None
     if u.small:
-        raw = u.result["rows"].astype(np.float64)
+        raw = u.rows.astype(np.float64)
         inliers = [_exact_moments(raw[(ids == g) & ~u.outliers]) for g in range(k)]
         raw[u.outliers] = median
         rows = raw
     else:
-        found = u.result["moments"]
-        inliers = [found.get(g, Moments.empty(u.d)) for g in range(k)]
+        inliers = [u.inliers.get(g, Moments.empty(u.d)) for g in range(k)]
     return ModalityStats(u.summary, median, tokens, norm_sum, outliers, inliers, rows, u.passes)
 
 
@@ -244,15 +221,15 @@ def _exact_moments(rows: np.ndarray) -> Moments:
 
 def compute_stats(selection, layers: list[int], *, blocks: int = 1, precision: str = "float32",
                   runner: Runner | None = None) -> dict[int, LayerStats]:
-    """Sufficient statistics of the given layers of a selection, reading the data 2 times
-    (float16 / bfloat16) or up to 4 times (float32)."""
+    """Sufficient statistics of the given layers of a selection, reading the data once when the
+    scan's guesses hold, twice when they miss, and up to 4 times for true float32 archives."""
     if precision not in ("float32", "float64"):
         raise AnalysisError(f"unknown Gram precision {precision!r}; choose float32 or float64")
     runner = runner or Runner()
     units = make_units(selection, layers, blocks)
     k = len(sample_blocks(selection.sample_index, blocks))
-    _pass1(units, runner)
-    _pass2(units, runner, precision)
+    _scan(units, runner, precision)
+    _second_read(units, runner, precision)
     _median_passes(units, runner)
     out = {}
     for layer in layers:

@@ -1,18 +1,25 @@
 """What one Dask task computes on one block of tokens (one storage shard of one layer and modality).
 
-Pass 1 (`scan_block`): token norms (float64) and the first radix digit of every column.
-Pass 2 (`moments_block`): moments of the non-outlier rows per block of samples, plus the next
-radix digit. Later passes (`radix_block`), float32 archives only: more digits of the median.
-All functions are pure numpy on in-memory blocks, so any Dask scheduler can run them.
+The scan (`scan_block`) is the one read most analyses need: token norms (float64), the top byte of
+every column (the first radix digit of the median), the second byte within a guessed window of top
+bytes (window.py), and the moments of the rows that are surely not outliers: rows whose norm lies
+within this block's own median +- INLIER_SPREADS robust spreads. Every other row comes back raw, so
+once the exact outlier rule is known its inliers join the moments exactly. The client checks the
+guesses; what they missed is computed by a second read (`moments_block`: moments of the exact
+non-outliers and/or the next median byte). Later reads (`radix_block`), float32 archives only: more
+digits of the median. All functions are pure numpy on in-memory blocks, so any Dask scheduler can
+run them.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .moments import Moments, block_moments
+from .moments import FLOAT32_SAFE_NORM, Moments, block_moments
 from .radix import byte_histogram, gather_candidates
+from .window import choose_window, count_window
 
 NORM_ROWS = 2048
+INLIER_SPREADS = 2.0  # the outlier rule keeps 3 std; 2 robust spreads of one block is well inside it
 
 
 def token_norms(x: np.ndarray) -> np.ndarray:
@@ -31,14 +38,53 @@ def _block(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def scan_block(x, check_low_bits: bool = False) -> dict:
-    """Pass 1 on one block: norms, the top-byte histogram, and (bfloat16 archives) whether any low
-    16 bits are set (then the values are not bfloat16 and the median needs all 32 bits)."""
+def surely_inside(norms: np.ndarray) -> tuple[float, float]:
+    """Norm interval whose rows are inliers under any plausible whole-column outlier rule: this block's
+    median +- INLIER_SPREADS x min(std, 1.4826 MAD). A guess, checked by the client."""
+    median = float(np.median(norms))
+    spread = 1.4826 * float(np.median(np.abs(norms - median)))
+    if len(norms) > 1:
+        spread = min(spread, float(norms.std(ddof=1))) if spread > 0 else float(norms.std(ddof=1))
+    return median - INLIER_SPREADS * spread, median + INLIER_SPREADS * spread
+
+
+def scan_block(x, start: int, groups: list[tuple[int, int, int]], precision: str, keep_rows: bool = False,
+               check_low_bits: bool = False) -> dict:
+    """The one read: norms, top-byte histogram, the window's second bytes, and speculative moments.
+
+    `groups` lists (sample block, first row, end row) runs of the block's rows; `start` is the
+    block's first row in its unit. With `keep_rows` (fewer tokens than channels) the rows come back
+    instead of moments and window: the client has everything in memory.
+    """
     x = _block(x)
-    out = {"norms": token_norms(x), "hist": byte_histogram(x, 0, np.zeros(x.shape[1], np.int64))}
+    norms = token_norms(x)
+    hist = byte_histogram(x, 0, np.zeros(x.shape[1], np.int64))
+    out = {"norms": norms, "hist": hist}
     if check_low_bits:
         out["low_bits"] = bool(np.any(x.view(np.uint16)[:, 0::2]))
+    if keep_rows:
+        out["rows"] = x.copy()
+        return out
+    out["window"] = count_window(x, choose_window(hist))
+    lo, hi = surely_inside(norms)
+    gram = (norms >= lo) & (norms <= hi)
+    if norms.max(initial=0.0) > FLOAT32_SAFE_NORM:
+        precision = "float64"
+    out["moments"] = group_moments(x, gram, groups, precision)
+    out["gram"] = gram
+    outside = np.flatnonzero(~gram)
+    out["raw_index"] = outside + start
+    out["raw"] = x[outside]
     return out
+
+
+def group_moments(x: np.ndarray, keep: np.ndarray, groups: list[tuple[int, int, int]],
+                  precision: str) -> dict[int, Moments]:
+    per_group: dict[int, Moments] = {}
+    for gid, start, stop in groups:
+        m = block_moments(x[start:stop], keep[start:stop], precision)
+        per_group[gid] = per_group[gid].merge(m) if gid in per_group else m
+    return per_group
 
 
 def radix_step(x: np.ndarray, step: tuple[str, int, np.ndarray]):
@@ -48,25 +94,13 @@ def radix_step(x: np.ndarray, step: tuple[str, int, np.ndarray]):
     return ("gather", gather_candidates(x, fixed, prefix))
 
 
-def moments_block(x, outliers: np.ndarray, groups: list[tuple[int, int, int]], step, precision: str,
-                  keep_rows: bool = False) -> dict:
-    """Pass 2 on one block: per block of samples, the moments of its non-outlier rows.
-
-    `groups` lists (sample block, first row, end row) runs of the block's rows. With `keep_rows`
-    (a modality with fewer tokens than channels) the raw rows come back as well, for the
-    token-count-sized trace form.
-    """
+def moments_block(x, outliers: np.ndarray, groups: list[tuple[int, int, int]], step, precision: str) -> dict:
+    """The second read, for what the scan's guesses missed: per block of samples, the moments of the
+    exact non-outlier rows (no groups: not needed), and the next median byte (step None: not needed)."""
     x = _block(x)
-    keep = ~np.asarray(outliers, bool)
-    per_group: dict[int, Moments] = {}
-    for gid, start, stop in groups:
-        m = block_moments(x[start:stop], keep[start:stop], precision)
-        per_group[gid] = per_group[gid].merge(m) if gid in per_group else m
-    out = {"moments": per_group}
+    out = {"moments": group_moments(x, ~np.asarray(outliers, bool), groups, precision)}
     if step is not None:
         out["radix"] = radix_step(x, step)
-    if keep_rows:
-        out["rows"] = x.copy()
     return out
 
 

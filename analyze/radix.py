@@ -25,7 +25,7 @@ GATHER_BUDGET = 2_000_000  # candidates (over all columns of one layer and modal
 
 _UINT = {2: np.uint16, 4: np.uint32}
 # Top byte (sign + exponent + mantissa bits) in value order: negatives from most negative, then positives.
-_TOP_ORDER = np.concatenate([np.arange(255, 127, -1), np.arange(0, 128)]).astype(np.int64)
+TOP_ORDER = np.concatenate([np.arange(255, 127, -1), np.arange(0, 128)]).astype(np.int64)
 
 
 @dataclass
@@ -71,7 +71,7 @@ class RadixState:
         """Fix one more byte from the per-column counts (d, 256) of the next raw byte."""
         counts = np.asarray(counts, np.int64)
         if self.fixed == 0:
-            order = np.broadcast_to(_TOP_ORDER, counts.shape)
+            order = np.broadcast_to(TOP_ORDER, counts.shape)
         else:
             negative = (self.prefix >> (8 * self.fixed - 1)) & 1 == 1
             order = np.where(negative[:, None], np.arange(255, -1, -1), np.arange(256))

@@ -69,7 +69,7 @@ def layer_summary(stats: LayerStats, mode: str) -> dict:
         out[name] = {
             "tokens": s.n, "outliers": s.n_outliers, "norm_mean": s.norms.mean, "norm_median": s.norms.median,
             "norm_std": s.norms.std, "outlier_threshold": s.norms.threshold,
-            "tokens_per_channel": s.n / s.d, "median_passes": s.passes, **_spectrum_stats(cov, factor),
+            "tokens_per_channel": s.n / s.d, "data_passes": s.passes, **_spectrum_stats(cov, factor),
         }
     return out
 
@@ -84,7 +84,7 @@ def to_dataset(summaries: list[dict], attrs: dict) -> xr.Dataset:
     data["route"] = ("layer", np.array([s["route"] for s in summaries], dtype=str))
     per_mod = ("tokens", "outliers", "norm_mean", "norm_median", "norm_std", "outlier_threshold",
                "tokens_per_channel", "total_variance", "effective_rank", "condition_number", "numerical_rank",
-               "median_passes")
+               "data_passes")
     for name in per_mod:
         data[name] = (("layer", "modality"), np.array([[s[m][name] for m in MODALITIES] for s in summaries]))
     data["leading_eigenvalues"] = (("layer", "modality", "rank"),

@@ -258,6 +258,9 @@ def main() -> None:
     print(f"{'    read + decompress once (Dask threads)':44s} {read_s:8.2f} {'':7s}  {read_cpu:8.2f}")
     print(f"{'    float32 X^T X, scaled from a slice':44s} {gram_s:8.2f} {'':7s}  {gram_cpu:8.2f}   "
           f"({gram_slice_s:.3f} s per 64k tokens, {gram_how})")
+    reads = [layer[m]["data_passes"] for layer in big_doc["layers"] for m in ("vision", "text")]
+    print(f"{'  reads of the data per layer and modality':44s} {reads.count(1)} of {len(reads)} read once, "
+          f"{len(reads) - reads.count(1)} twice or more")
     print(f"{'peak RSS of mir analyze (all processes)':44s} {format_bytes(big['peak_rss']):>8} "
           f"{big['peak_rss'] / budget:6.2f}x  of the budget")
     print(f"subset of {rows} samples ({format_bytes(subset_bytes)} of the archive):")

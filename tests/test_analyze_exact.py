@@ -20,7 +20,7 @@ def test_synthetic_archive_matches_reference(tmp_path, dtype):
     refs = assert_matches_reference(selection, result)
     assert result.mode == "exact" and result.n_samples == 9
     # the out-of-core column medians are the exact lower medians (checked through the stored statistics)
-    assert all(layer["vision"]["median_passes"] >= 2 for layer in result.layers)
+    assert all(layer["vision"]["data_passes"] >= (2 if dtype == "float32" else 1) for layer in result.layers)
     assert refs[0]["outliers_v"] + refs[0]["outliers_t"] > 0  # synthetic data has heavy-norm tokens
 
 
