@@ -16,6 +16,7 @@ import numpy as np
 
 from .moments import FLOAT32_SAFE_NORM, Moments, block_moments
 from .radix import byte_histogram, gather_candidates
+from . import fused
 from .window import choose_window, count_window
 
 NORM_ROWS = 2048
@@ -57,19 +58,27 @@ def scan_block(x, start: int, groups: list[tuple[int, int, int]], precision: str
     instead of moments and window: the client has everything in memory.
     """
     x = _block(x)
-    norms = token_norms(x)
-    hist = byte_histogram(x, 0, np.zeros(x.shape[1], np.int64))
+    columns = None
+    if fused.AVAILABLE and not keep_rows:
+        norms, hist, columns = fused.scan_columns(x)
+    else:
+        norms, hist = token_norms(x), byte_histogram(x, 0, np.zeros(x.shape[1], np.int64))
     out = {"norms": norms, "hist": hist}
     if check_low_bits:
         out["low_bits"] = bool(np.any(x.view(np.uint16)[:, 0::2]))
     if keep_rows:
         out["rows"] = x.copy()
         return out
-    out["window"] = count_window(x, choose_window(hist))
+    window = choose_window(hist)
     lo, hi = surely_inside(norms)
     gram = (norms >= lo) & (norms <= hi)
     if norms.max(initial=0.0) > FLOAT32_SAFE_NORM:
         precision = "float64"
+    if columns is not None:
+        out["window"] = fused.count_window(columns, window, hist)
+        del columns
+    else:
+        out["window"] = count_window(x, window)
     out["moments"] = group_moments(x, gram, groups, precision)
     out["gram"] = gram
     outside = np.flatnonzero(~gram)
@@ -80,9 +89,10 @@ def scan_block(x, start: int, groups: list[tuple[int, int, int]], precision: str
 
 def group_moments(x: np.ndarray, keep: np.ndarray, groups: list[tuple[int, int, int]],
                   precision: str) -> dict[int, Moments]:
+    convert = fused.convert if fused.AVAILABLE and precision == "float32" else None
     per_group: dict[int, Moments] = {}
     for gid, start, stop in groups:
-        m = block_moments(x[start:stop], keep[start:stop], precision)
+        m = block_moments(x[start:stop], keep[start:stop], precision, convert)
         per_group[gid] = per_group[gid].merge(m) if gid in per_group else m
     return per_group
 

@@ -60,13 +60,15 @@ def gram_rows(d: int) -> int:
     return int(np.clip(MAX_GRAM_BYTES // (4 * d), 1024, 16384))
 
 
-def block_moments(x: np.ndarray, keep: np.ndarray, precision: str = "float32") -> Moments:
+def block_moments(x: np.ndarray, keep: np.ndarray, precision: str = "float32", convert=None) -> Moments:
     """Moments of the rows of x (stored dtype) where `keep` is True.
 
     Rows are shifted by c (the mean of the first kept rows, any close value works), so the products
     see centred data; Gram products of up to gram_rows(d) rows run in `precision` (float32 meets the
     1e-5 contract on centred data and is twice as fast) and are accumulated in float64; the exact
     mean and scatter follow from the shifted sums: mean = c + S/n, M2 = G - S S^T / n.
+    `convert(rows, shift, keep, out)` replaces the numpy conversion of a step of rows with the same
+    values computed faster (fused.convert).
     """
     n_rows, d = x.shape
     n = int(np.count_nonzero(keep))
@@ -79,13 +81,17 @@ def block_moments(x: np.ndarray, keep: np.ndarray, precision: str = "float32") -
     total = np.zeros(d)
     gram = np.zeros((d, d))
     ones = np.ones(step, dtype=work)
+    buffer = np.empty((min(step, n_rows), d), work) if convert is not None else None
     for start in range(0, n_rows, step):
         k = keep[start:start + step]
         if not k.any():
             continue
-        y = np.subtract(x[start:start + step], shift, dtype=work)
-        if not k.all():
-            y[~k] = 0
+        if convert is not None:
+            y = convert(x[start:start + step], shift, k, buffer)
+        else:
+            y = np.subtract(x[start:start + step], shift, dtype=work)
+            if not k.all():
+                y[~k] = 0
         total += ones[:len(y)] @ y  # sums of centred values: small, so BLAS precision suffices
         gram += y.T @ y
     mean = shift.astype(np.float64) + total / n

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from analyze_helpers import analyze_path, assert_matches_reference, write_arrays
 
-from analyze import kernels, scan, window
+from analyze import fused, kernels, scan, window
 
 
 def _archive(tmp_path, seed=0):
@@ -27,7 +27,10 @@ def _passes(result) -> set[int]:
     return {layer[m]["data_passes"] for layer in result.layers for m in ("vision", "text")}
 
 
-def test_well_behaved_data_is_read_once(tmp_path):
+@pytest.mark.parametrize("compiled", [True, False])
+def test_well_behaved_data_is_read_once(tmp_path, monkeypatch, compiled):
+    if not compiled:
+        monkeypatch.setattr(fused, "AVAILABLE", False)
     selection, result = analyze_path(_archive(tmp_path), layers=[0, 1])
     refs = assert_matches_reference(selection, result)
     assert refs[0]["outliers_v"] > 0 and refs[0]["outliers_t"] > 0
@@ -43,7 +46,7 @@ def test_a_missed_guess_costs_a_second_read_not_exactness(tmp_path, monkeypatch,
         monkeypatch.setattr(scan, "RAW_ROWS_BYTES", 0)
     if miss in ("median outside window", "everything"):
         monkeypatch.setattr(window, "WINDOW_BINS", 0)
-        monkeypatch.setattr(window, "SPARSE_VALUES", 0)
+        monkeypatch.setattr(window, "SPARSE_COUNT", 0)
     selection, result = analyze_path(_archive(tmp_path), layers=[0, 1])
     assert_matches_reference(selection, result)
     assert _passes(result) == {2}
