@@ -59,7 +59,8 @@ def test_compare_flags_real_differences_and_not_identical_ones(archives, tmp_pat
     assert "MIR(other) - MIR(base)" in result.stdout and "exceeds the noise" in result.stdout
     assert (tmp_path / "c.png").stat().st_size > 0
     direct = analyze_selection(open_archive(b).select(layers=[1, 2, 3]), AnalysisOptions(cache=False))
-    assert data["archives"][2]["mir"] == pytest.approx(direct.mir, abs=1e-9)  # block merge order
+    # per-sample-block statistics (for the bootstrap) merge in another order: float32 Gram rounding only
+    assert data["archives"][2]["mir"] == pytest.approx(direct.mir, abs=1e-7)
 
 
 def test_compare_uses_only_shared_samples(archives, tmp_path):
