@@ -14,9 +14,11 @@ import numpy as np
 from .moments import FLOAT32_SAFE_NORM, Moments, block_moments
 from .radix import RadixState
 from .stats import NormSummary
+from .window import WindowCounts
 
 RAW_ROWS_BYTES = 64 * 2**20  # raw rows kept per layer and modality; beyond that: a second read
 SPARSE_VALUES_KEPT = 4_000_000  # gathered median candidates per layer and modality; beyond: a second read
+DENSE_SLOTS_PER_COLUMN = 48  # window histograms kept per column (blocks' windows differ a little); beyond: idem
 
 
 @dataclass
@@ -49,6 +51,8 @@ def merge_scan(a: dict, b: dict) -> dict:
     out["window"] = a["window"].merge(b["window"])
     if len(out["window"].sparse_keys) > SPARSE_VALUES_KEPT:
         out["window"].drop_sparse()
+    if len(out["window"].keys) > DENSE_SLOTS_PER_COLUMN * out["hist"].shape[0]:
+        out["window"] = WindowCounts.empty()  # the blocks disagree too much: the median needs a second read
     out["moments"] = merge_moments(a["moments"], b["moments"])
     out["gram"] = np.concatenate([a["gram"], b["gram"]])
     out["overflow"] = a.get("overflow", False) or b.get("overflow", False) or \

@@ -67,3 +67,11 @@ def test_second_read_keeps_the_bootstrap_blocks(tmp_path, monkeypatch):
         assert a.n == b.n
         np.testing.assert_allclose(a.mean, b.mean, rtol=1e-6, atol=1e-7)  # float32 products either way
         np.testing.assert_allclose(a.m2, b.m2, rtol=1e-5, atol=1e-6 * np.abs(b.m2).max())
+
+
+def test_window_too_large_to_keep_costs_a_second_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(scan, "DENSE_SLOTS_PER_COLUMN", 0)
+    monkeypatch.setattr(scan, "SPARSE_VALUES_KEPT", 0)
+    selection, result = analyze_path(_archive(tmp_path), layers=[0, 1])
+    assert_matches_reference(selection, result)
+    assert 2 in _passes(result)
