@@ -126,7 +126,9 @@ def _scan(units: list[Unit], runner: Runner, precision: str) -> None:
         parts = []
         for blk, (a, b) in zip(u.blocks(), u.bounds()):
             groups = [] if u.small else runs(u.block_ids[a:b])
-            parts.append(dask.delayed(kernels.scan_block, pure=True)(blk, a, groups, precision, u.small, check_low))
+            samples = len(runs(u.samples[a:b]))
+            parts.append(dask.delayed(kernels.scan_block, pure=True)(blk, a, groups, precision, u.small, check_low,
+                                                                     samples))
         graph.append(dask.delayed(finish_scan, pure=True)(_tree(parts, merge_scan), u.block_ids, u.array.dtype,
                                                            u.key_bytes, precision))
     results = runner.compute(graph, "read 1: norms, median bytes, moments")

@@ -50,12 +50,13 @@ def surely_inside(norms: np.ndarray) -> tuple[float, float]:
 
 
 def scan_block(x, start: int, groups: list[tuple[int, int, int]], precision: str, keep_rows: bool = False,
-               check_low_bits: bool = False) -> dict:
+               check_low_bits: bool = False, samples: int | None = None) -> dict:
     """The one read: norms, top-byte histogram, the window's second bytes, and speculative moments.
 
     `groups` lists (sample block, first row, end row) runs of the block's rows; `start` is the
     block's first row in its unit. With `keep_rows` (fewer tokens than channels) the rows come back
-    instead of moments and window: the client has everything in memory.
+    instead of moments and window: the client has everything in memory. `samples`: how many samples
+    the block's rows come from (see window.choose_window).
     """
     x = _block(x)
     columns = None
@@ -69,7 +70,7 @@ def scan_block(x, start: int, groups: list[tuple[int, int, int]], precision: str
     if keep_rows:
         out["rows"] = x.copy()
         return out
-    window = choose_window(hist)
+    window = choose_window(hist, samples)
     lo, hi = surely_inside(norms)
     gram = (norms >= lo) & (norms <= hi)
     if norms.max(initial=0.0) > FLOAT32_SAFE_NORM:

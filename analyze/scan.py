@@ -18,7 +18,7 @@ from .window import WindowCounts
 
 RAW_ROWS_BYTES = 64 * 2**20  # raw rows kept per layer and modality; beyond that: a second read
 SPARSE_VALUES_KEPT = 4_000_000  # gathered median candidates per layer and modality; beyond: a second read
-DENSE_SLOTS_PER_COLUMN = 48  # window histograms kept per column (blocks' windows differ a little); beyond: idem
+DENSE_SLOTS_PER_COLUMN = 64  # window histograms kept per column (blocks' windows differ a little); beyond: idem
 
 
 @dataclass

@@ -21,8 +21,11 @@ import numpy as np
 
 from .radix import SUB_ROWS, TOP_ORDER
 
-WINDOW_QUANTILE = 0.1  # the window reaches this share of the block's rows (at least) either side of its median
-WINDOW_BINS = 16  # dense top-byte bins (a quarter octave each) per column at most
+# The window reaches this share of the block's rows (at least) either side of its median. A block of
+# ~60 samples misplaces a column's median by several percent of its rows when samples differ a lot
+# (per-sample offsets of 1.5x the within-sample spread): 0.25 still resolves those in one read.
+WINDOW_QUANTILE = 0.25
+WINDOW_BINS = 32  # dense top-byte bins (a quarter octave each) per column at most
 SPARSE_COUNT = 64  # a bin holding at most this many of the block's values is gathered value by value
 SPARSE_VALUES = 1024  # values gathered per column and block at most
 
@@ -83,17 +86,21 @@ class Window:
     keys: np.ndarray  # (S,) int64 sorted: column * 256 + raw top byte of each dense slot
 
 
-def choose_window(hist: np.ndarray) -> Window:
+def choose_window(hist: np.ndarray, samples: int | None = None) -> Window:
     """Per column, the non-empty top-byte bins nearest (in ranks) to this block's median, within
     +-reach ranks of it, up to WINDOW_BINS dense bins (more than SPARSE_COUNT values) and
-    SPARSE_VALUES values in the sparse ones."""
+    SPARSE_VALUES values in the sparse ones. `samples` (how many samples the block's rows come from)
+    widens the reach for blocks of few samples, whose medians stray further."""
     d = hist.shape[0]
     ordered = hist[:, TOP_ORDER]
     cum = np.cumsum(ordered, axis=1)
     n = cum[:, -1:]
     half = (n - 1) // 2
-    # small blocks estimate their median's rank less well: widen to 2 / sqrt(n) of the rows
-    reach = np.ceil(np.maximum(WINDOW_QUANTILE, 2.0 / np.sqrt(np.maximum(n, 1))) * n).astype(np.int64)
+    # blocks of few rows or few samples place their median less well: widen to 2 / sqrt(count)
+    share = np.maximum(WINDOW_QUANTILE, 2.0 / np.sqrt(np.maximum(n, 1)))
+    if samples:
+        share = np.maximum(share, 2.0 / np.sqrt(samples))
+    reach = np.ceil(share * n).astype(np.int64)
     # distance of every bin from the median, in ranks (0 for the bin holding it): it grows away from
     # the median's bin on both sides, so the nearest non-empty bins form one run
     distance = np.maximum(np.maximum(cum - ordered - half, half - (cum - 1)), 0)

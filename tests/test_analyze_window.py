@@ -12,14 +12,16 @@ from analyze.radix import RadixState, byte_histogram
 from analyze.window import WindowCounts, choose_window, count_window
 
 
-def _scan_blocks(x: np.ndarray, splits: list[int]) -> tuple[RadixState, WindowCounts, int]:
+def _scan_blocks(x: np.ndarray, splits: list[int], rows_per_sample: int | None = None
+                 ) -> tuple[RadixState, WindowCounts, int]:
     """What the scan does per block, merged: the top-byte histogram and the window counts."""
     blocks = [b for b in np.split(x, sorted(set(min(s, len(x)) for s in splits))) if len(b)]
     state = RadixState.start(x.dtype, len(x), x.shape[1], 2 if x.dtype == np.float16 else 4)
     hist = sum(byte_histogram(b, 0, state.prefix) for b in blocks)
     counts = WindowCounts.empty()
     for b in blocks:
-        counts = counts.merge(count_window(b, choose_window(byte_histogram(b, 0, state.prefix))))
+        samples = -(-len(b) // rows_per_sample) if rows_per_sample else None
+        counts = counts.merge(count_window(b, choose_window(byte_histogram(b, 0, state.prefix), samples)))
     state.apply_histogram(hist)
     return state, counts, len(blocks)
 
@@ -64,5 +66,19 @@ def test_near_zero_medians_use_gathered_values():
     x -= np.median(x.astype(np.float64), axis=0).astype(np.float16)  # medians at (nearly) zero
     state, counts, _ = _scan_blocks(x, [10000, 20000, 30000])
     assert len(counts.sparse_keys) > 0
+    got = counts.second_byte(state.prefix & 0xFF, state.count)
+    assert got is not None and np.array_equal(got, byte_histogram(x, 1, state.prefix))
+
+
+def test_samples_that_differ_strongly_still_resolve():
+    """Tokens of one sample share an offset per channel (as images do), so a block of ~60 samples
+    misplaces each column's median; the default window still holds it."""
+    rng = np.random.default_rng(2)
+    d, tokens = 16, 576
+    centre = rng.normal(0, 1, d) * rng.integers(0, 2, d)  # half the channels centred at zero
+    x = np.concatenate([rng.normal(0, 1, (tokens, d)) + centre + rng.normal(0, 1.5, d)
+                        for _ in range(240)]).astype(np.float16)
+    state, counts, blocks = _scan_blocks(x, list(range(32768, len(x), 32768)), tokens)
+    assert blocks == 5
     got = counts.second_byte(state.prefix & 0xFF, state.count)
     assert got is not None and np.array_equal(got, byte_histogram(x, 1, state.prefix))
