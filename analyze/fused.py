@@ -162,7 +162,10 @@ def count_window(columns: np.ndarray, window: Window, hist: np.ndarray) -> Windo
     filled = _count(columns, shift, dest, counts, sparse_keys, sparse_bytes)
     if filled != capacity:
         raise AssertionError("window: gathered values do not match the block's histogram")
-    return WindowCounts(window.keys, counts[:-256].reshape(-1, 256), sparse_keys, sparse_bytes)
+    counts = counts[:-256].reshape(-1, 256)
+    if columns.shape[1] < 2**16:  # a block's counts fit 16 bits: half the memory while partials wait to merge
+        counts = counts.astype(np.uint16)
+    return WindowCounts(window.keys, counts, sparse_keys, sparse_bytes)
 
 
 def convert(x: np.ndarray, shift: np.ndarray, keep: np.ndarray, out: np.ndarray) -> np.ndarray:

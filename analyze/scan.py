@@ -17,7 +17,7 @@ from .stats import NormSummary
 from .window import WindowCounts
 
 RAW_ROWS_BYTES = 64 * 2**20  # raw rows kept per layer and modality; beyond that: a second read
-SPARSE_VALUES_KEPT = 4_000_000  # gathered median candidates per layer and modality; beyond: a second read
+SPARSE_KEPT_PER_COLUMN = 8192  # gathered median candidates per column of a layer and modality; beyond: idem
 DENSE_SLOTS_PER_COLUMN = 64  # window histograms kept per column (blocks' windows differ a little); beyond: idem
 
 
@@ -49,7 +49,7 @@ def merge_scan(a: dict, b: dict) -> dict:
         out["rows"] = np.concatenate([a["rows"], b["rows"]])
         return out
     out["window"] = a["window"].merge(b["window"])
-    if len(out["window"].sparse_keys) > SPARSE_VALUES_KEPT:
+    if len(out["window"].sparse_keys) > SPARSE_KEPT_PER_COLUMN * out["hist"].shape[0]:
         out["window"].drop_sparse()
     if len(out["window"].keys) > DENSE_SLOTS_PER_COLUMN * out["hist"].shape[0]:
         out["window"] = WindowCounts.empty()  # the blocks disagree too much: the median needs a second read

@@ -23,8 +23,9 @@ from .radix import SUB_ROWS, TOP_ORDER
 
 # The window reaches this share of the block's rows (at least) either side of its median. A block of
 # ~60 samples misplaces a column's median by several percent of its rows when samples differ a lot
-# (per-sample offsets of 1.5x the within-sample spread): 0.25 still resolves those in one read.
-WINDOW_QUANTILE = 0.25
+# (per-sample offsets of 3x the within-sample spread): 0.2 (or 2/sqrt(samples), whichever is larger)
+# with 32 dense bins still resolves those in one read.
+WINDOW_QUANTILE = 0.2
 WINDOW_BINS = 32  # dense top-byte bins (a quarter octave each) per column at most
 SPARSE_COUNT = 64  # a bin holding at most this many of the block's values is gathered value by value
 SPARSE_VALUES = 1024  # values gathered per column and block at most
@@ -38,7 +39,7 @@ class WindowCounts:
     histograms, sparse ones (the many tiny bins near zero) as the gathered second bytes."""
 
     keys: np.ndarray  # (S,) int64, sorted: column * 256 + raw top byte
-    counts: np.ndarray  # (S, 256) int32 counts of the raw second byte (units hold < 2**31 tokens)
+    counts: np.ndarray  # (S, 256) counts of the raw second byte: int32 (uint16 for one block)
     sparse_keys: np.ndarray  # (G,) int32: slot key of each gathered value
     sparse_bytes: np.ndarray  # (G,) uint8: its raw second byte
 

@@ -71,7 +71,7 @@ def test_second_read_keeps_the_bootstrap_blocks(tmp_path, monkeypatch):
 
 def test_window_too_large_to_keep_costs_a_second_read(tmp_path, monkeypatch):
     monkeypatch.setattr(scan, "DENSE_SLOTS_PER_COLUMN", 0)
-    monkeypatch.setattr(scan, "SPARSE_VALUES_KEPT", 0)
+    monkeypatch.setattr(scan, "SPARSE_KEPT_PER_COLUMN", 0)
     selection, result = analyze_path(_archive(tmp_path), layers=[0, 1])
     assert_matches_reference(selection, result)
     assert 2 in _passes(result)
