@@ -19,6 +19,7 @@ from .window import WindowCounts
 RAW_ROWS_BYTES = 64 * 2**20  # raw rows kept per layer and modality; beyond that: a second read
 SPARSE_KEPT_PER_COLUMN = 8192  # gathered median candidates per column of a layer and modality; beyond: idem
 DENSE_SLOTS_PER_COLUMN = 64  # window histograms kept per column (blocks' windows differ a little); beyond: idem
+DENSE_SLOTS_BYTES = 128 * 2**20  # ... and in all, unless 16 per column need more
 
 
 @dataclass
@@ -51,7 +52,7 @@ def merge_scan(a: dict, b: dict) -> dict:
     out["window"] = a["window"].merge(b["window"])
     if len(out["window"].sparse_keys) > SPARSE_KEPT_PER_COLUMN * out["hist"].shape[0]:
         out["window"].drop_sparse()
-    if len(out["window"].keys) > DENSE_SLOTS_PER_COLUMN * out["hist"].shape[0]:
+    if len(out["window"].keys) > dense_slots_kept(out["hist"].shape[0]):
         out["window"] = WindowCounts.empty()  # the blocks disagree too much: the median needs a second read
     out["moments"] = merge_moments(a["moments"], b["moments"])
     out["gram"] = np.concatenate([a["gram"], b["gram"]])
@@ -63,6 +64,12 @@ def merge_scan(a: dict, b: dict) -> dict:
         out["raw_index"] = np.concatenate([a["raw_index"], b["raw_index"]])
         out["raw"] = np.concatenate([a["raw"], b["raw"]])
     return out
+
+
+def dense_slots_kept(d: int) -> int:
+    """Window histograms (1 KiB each) a layer and modality may keep: DENSE_SLOTS_PER_COLUMN per column,
+    at most DENSE_SLOTS_BYTES unless that leaves fewer than 16 per column (large d)."""
+    return min(DENSE_SLOTS_PER_COLUMN * d, max(16 * d, DENSE_SLOTS_BYTES // 1024))
 
 
 def finish_scan(scan: dict, block_ids: np.ndarray, dtype, key_bytes: int, precision: str) -> ScanResult:

@@ -27,6 +27,7 @@ from .radix import SUB_ROWS, TOP_ORDER
 # with 32 dense bins still resolves those in one read.
 WINDOW_QUANTILE = 0.2
 WINDOW_BINS = 32  # dense top-byte bins (a quarter octave each) per column at most
+ROWS_PER_BIN = 512  # and at most one per 512 rows: a block's counts stay within ~1/4 of its own size
 SPARSE_COUNT = 64  # a bin holding at most this many of the block's values is gathered value by value
 SPARSE_VALUES = 1024  # values gathered per column and block at most
 
@@ -111,7 +112,8 @@ def choose_window(hist: np.ndarray, samples: int | None = None) -> Window:
     sizes = np.take_along_axis(ordered, nearest, axis=1)
     valid = np.take_along_axis(distance, nearest, axis=1) < never
     dense = valid & (sizes > SPARSE_COUNT)
-    take = valid & (np.cumsum(dense, axis=1) <= WINDOW_BINS)
+    bins = min(WINDOW_BINS, max(8, int(n.max(initial=0)) // ROWS_PER_BIN))
+    take = valid & (np.cumsum(dense, axis=1) <= bins)
     take &= np.cumsum(np.where(valid & ~dense, sizes, 0), axis=1) <= SPARSE_VALUES
     take = np.logical_and.accumulate(take, axis=1)  # the nearest bins up to the first one over a limit
     chosen = np.zeros((d, 256), bool)
