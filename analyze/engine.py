@@ -21,7 +21,7 @@ import numpy as np
 
 from . import kernels
 from .errors import AnalysisError
-from .moments import FLOAT32_SAFE_NORM, Moments
+from .moments import Moments, gram_precision
 from .radix import RadixState, merge_gathers
 from .runner import Runner
 from .scan import finish_scan, merge_moments, merge_scan, runs
@@ -46,7 +46,6 @@ class Unit:
     norms: np.ndarray | None = None
     outliers: np.ndarray | None = None
     summary: NormSummary | None = None
-    scan: dict | None = None  # the scan's merged results
     inliers: dict | None = None  # sample block -> Moments of the non-outlier rows, once known
     rows: np.ndarray | None = None  # all rows, small units only
     passes: int = 0
@@ -156,7 +155,7 @@ def _second_read(units: list[Unit], runner: Runner, precision: str) -> None:
     graph = []
     for u in todo:
         step = None if u.state.done else u.state.request()
-        precision_u = "float64" if u.summary.maximum > FLOAT32_SAFE_NORM else precision
+        precision_u = gram_precision(u.summary.maximum, precision)
         parts = []
         for blk, (a, b) in zip(u.blocks(), u.bounds()):
             groups = [] if u.inliers is not None else runs(u.block_ids[a:b])

@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from .radix import TOP_ORDER
-from .window import _NONE, _SPARSE, Window, WindowCounts
+from .window import NONE, SPARSE, Window, WindowCounts
 
 try:
     if os.environ.get("MIR_KERNELS", "").lower() == "numpy":
@@ -149,9 +149,9 @@ def count_window(columns: np.ndarray, window: Window, hist: np.ndarray) -> Windo
     slots = len(window.keys)
     offset = np.arange(256)
     raw = TOP_ORDER[np.minimum(window.lo[:, None].astype(np.int64) + offset, 255)]
-    kind = np.where(offset <= window.span[:, None], window.kind, _NONE)
+    kind = np.where(offset <= window.span[:, None], window.kind, NONE)
     rows = np.broadcast_to(np.arange(d)[:, None], raw.shape)
-    dense, sparse = kind >= 0, kind == _SPARSE
+    dense, sparse = kind >= 0, kind == SPARSE
     dest = np.full((d, 256), slots * 256, np.int64)
     dest[rows[dense], raw[dense]] = kind[dense].astype(np.int64) * 256
     dest[rows[sparse], raw[sparse]] = -1

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .moments import FLOAT32_SAFE_NORM, Moments, block_moments
-from .radix import byte_histogram, gather_candidates
 from . import fused
+from .moments import Moments, block_moments, gram_precision
+from .radix import byte_histogram, gather_candidates
 from .window import choose_window, count_window
 
 NORM_ROWS = 2048
@@ -73,8 +73,7 @@ def scan_block(x, start: int, groups: list[tuple[int, int, int]], precision: str
     window = choose_window(hist, samples)
     lo, hi = surely_inside(norms)
     gram = (norms >= lo) & (norms <= hi)
-    if norms.max(initial=0.0) > FLOAT32_SAFE_NORM:
-        precision = "float64"
+    precision = gram_precision(norms.max(initial=0.0), precision)
     if columns is not None:
         out["window"] = fused.count_window(columns, window, hist)
         del columns

@@ -55,6 +55,11 @@ def merge_all(items: list[Moments], d: int) -> Moments:
     return items[0]
 
 
+def gram_precision(max_norm: float, precision: str) -> str:
+    """The products' precision: float64 where float32 products could overflow, else as asked."""
+    return "float64" if max_norm > FLOAT32_SAFE_NORM else precision
+
+
 def gram_rows(d: int) -> int:
     """Rows per Gram product: big enough for BLAS efficiency, small enough for cache and float32 error."""
     return int(np.clip(MAX_GRAM_BYTES // (4 * d), 1024, 16384))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .moments import FLOAT32_SAFE_NORM, Moments, block_moments
+from .moments import Moments, block_moments, gram_precision
 from .radix import RadixState
 from .stats import NormSummary
 from .window import WindowCounts
@@ -96,8 +96,7 @@ def finish_scan(scan: dict, block_ids: np.ndarray, dtype, key_bytes: int, precis
             found.state.apply_histogram(counts)
     if scan.get("overflow") or scan["raw"].nbytes > RAW_ROWS_BYTES or np.any(found.outliers & scan["gram"]):
         return found  # a row taken as a sure inlier is an outlier, or too many raw rows: read again
-    if found.summary.maximum > FLOAT32_SAFE_NORM:
-        precision = "float64"
+    precision = gram_precision(found.summary.maximum, precision)
     index, raw = scan["raw_index"], scan["raw"]
     keep = ~found.outliers[index]
     found.inliers = dict(scan["moments"])

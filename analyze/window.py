@@ -31,7 +31,7 @@ ROWS_PER_BIN = 512  # and at most one per 512 rows: a block's counts stay within
 SPARSE_COUNT = 64  # a bin holding at most this many of the block's values is gathered value by value
 SPARSE_VALUES = 1024  # values gathered per column and block at most
 
-_NONE, _SPARSE = -1, -2
+NONE, SPARSE = -1, -2
 
 
 @dataclass
@@ -125,7 +125,7 @@ def choose_window(hist: np.ndarray, samples: int | None = None) -> Window:
     pos = np.minimum(lo[:, None] + offset, 255)
     sizes = np.where(offset <= span[:, None], np.take_along_axis(ordered * chosen, pos, axis=1), 0)
     dense = sizes > SPARSE_COUNT
-    kind = np.where(sizes > 0, _SPARSE, _NONE).astype(np.int32)
+    kind = np.where(sizes > 0, SPARSE, NONE).astype(np.int32)
     keys = (np.arange(d, dtype=np.int64)[:, None] * 256 + TOP_ORDER[pos])[dense]
     order = np.argsort(keys)
     slot = np.empty(len(order), np.int32)
@@ -153,7 +153,7 @@ def count_window(x: np.ndarray, window: Window) -> WindowCounts:
         second = raw.reshape(-1)[at + (itemsize - 2)]
         dense = slot >= 0
         dense_index.append(slot[dense] * 256 + second[dense])
-        sparse = np.flatnonzero(slot == _SPARSE)
+        sparse = np.flatnonzero(slot == SPARSE)
         if len(sparse):
             tops = raw.reshape(-1)[at[sparse] + (itemsize - 1)]
             gathered_keys.append((col[sparse] * 256 + tops).astype(np.int32))
