@@ -239,8 +239,13 @@ def check_resume(existing: dict[str, Any], wanted: dict[str, Any], path: Path) -
 
 
 # ----------------------------------------------------------------------------- the job
-def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = None) -> ExtractResult:
-    """Run one extraction (or resume one); return what it did."""
+def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = None,
+            model_info: Any = None) -> ExtractResult:
+    """Run one extraction (or resume one); return what it did.
+
+    `model_info` (a loading.ModelInfo) extracts with a model already in memory, e.g. one being
+    trained; `opts.model`, `device`, `dtype` and the loading options are then not used.
+    """
     from . import batching, loading, runner
 
     say = on_info or (lambda msg: log.info(msg))
@@ -263,9 +268,13 @@ def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = Non
     if opts.preflight and not resuming:
         data_mod.preflight(part)  # fail on a bad file before the archive exists
 
-    device = resolve_device(opts.device)
-    info = loading.load_model(opts.model, device=device, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
-                              revision=opts.revision, attn_implementation=opts.attn_implementation)
+    if model_info is not None:
+        info, device = model_info, model_info.device
+    else:
+        device = resolve_device(opts.device)
+        info = loading.load_model(opts.model, device=device, dtype=opts.dtype,
+                                  trust_remote_code=opts.trust_remote_code, revision=opts.revision,
+                                  attn_implementation=opts.attn_implementation)
     layers = parse_layers(opts.layers, info.num_hidden_layers)
     sett = settings(opts, layers, layout, info.dtype)
     run_record = _run_record(opts, device, 0)

@@ -115,11 +115,14 @@ def run_study(config: StudyConfig, *, jobs: int = 1, devices: list[str] | None =
     archives, results, logs = out / "archives", out / "results", out / "logs"
     for d in (archives, results, logs):
         d.mkdir(parents=True, exist_ok=True)
-    extract_argv = _extract_argv(config)
-    _check_settings_unchanged(out, extract_argv)
-    outcomes = [CheckpointOutcome(c, archives / f"{c.name}.zarr") for c in config.checkpoints]
+    to_extract = [c for c in config.checkpoints if c.archive is None]
+    extract_argv = _extract_argv(config) if to_extract else []
+    if to_extract:
+        _check_settings_unchanged(out, extract_argv)
+    outcomes = [CheckpointOutcome(c, Path(c.archive) if c.archive else archives / f"{c.name}.zarr")
+                for c in config.checkpoints]
 
-    pending = [o for o in outcomes if archive_state(o.archive) != "complete"]
+    pending = [o for o in outcomes if archive_state(o.archive) != "complete" and o.checkpoint.archive is None]
     echo(f"study: {len(outcomes)} checkpoints, {len(outcomes) - len(pending)} already extracted, "
          f"{len(pending)} to extract")
     failures: list[str] = []

@@ -44,6 +44,7 @@ class Checkpoint:
     name: str
     path: str
     step: int | None
+    archive: str | None = None  # an archive made already (e.g. by the Trainer callback): analysed as it is
 
 
 @dataclass
@@ -123,9 +124,17 @@ def load_study(path: str | Path) -> StudyConfig:
     specs = study.get("checkpoints", [])
     specs = [specs] if isinstance(specs, str) else list(specs)
     specs += study.get("checkpoint", [])
-    if not specs:
-        raise StudyConfigError(f"{source}: [study] names no checkpoints (set checkpoints = \"run/checkpoint-*\")")
-    checkpoints = discover_checkpoints(specs, base, study.get("step_pattern", DEFAULT_STEP_PATTERN), source)
+    archives = study.get("archives", [])
+    archives = [archives] if isinstance(archives, str) else list(archives)
+    if not specs and not archives:
+        raise StudyConfigError(f"{source}: [study] names no checkpoints (set checkpoints = \"run/checkpoint-*\", "
+                               "or archives = \"mir-out/step-*.zarr\" for archives made already)")
+    pattern = study.get("step_pattern", DEFAULT_STEP_PATTERN)
+    checkpoints = discover_checkpoints(specs, base, pattern, source) if specs else []
+    if archives:
+        made = discover_checkpoints(archives, base, pattern, source)
+        checkpoints = sorted(checkpoints + [Checkpoint(c.name.removesuffix(".zarr"), c.path, c.step, c.path)
+                                            for c in made], key=lambda c: (c.step is None, c.step or 0, c.name))
     extract = _norm(raw.get("extract", {}))
     for key in PATH_KEYS & set(extract):
         extract[key] = _resolve(base, extract[key])
