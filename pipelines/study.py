@@ -72,7 +72,7 @@ def _analyze_params(config: StudyConfig, archive: Path, scheduler: str | None) -
         table["scheduler"] = scheduler
     argv = table_to_argv(table, analyze_cmd, f"{config.source} [analyze]")
     params = parse_with(analyze_cmd, [str(archive), *argv], f"{config.source} [analyze]")
-    for output in ("json_path", "netcdf_path", "plot_path"):  # the study writes its own outputs
+    for output in ("json_path", "netcdf_path", "plot_path", "report_path"):  # the study writes its own outputs
         params.pop(output, None)
     return argv, params
 

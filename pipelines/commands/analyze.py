@@ -107,7 +107,9 @@ def _fmt(x: float, width: int = 11) -> str:
               help="Write the per-layer xarray Dataset as netCDF.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Plot the per-layer curve (PNG, PDF or SVG by suffix).")
-def analyze_cmd(json_path, netcdf_path, plot_path, **kwargs):
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
+              help="Write a self-contained HTML report (inline SVG figures, tables, provenance; no scripts).")
+def analyze_cmd(json_path, netcdf_path, plot_path, report_path, **kwargs):
     """Compute MIR (log10 of the summed per-layer Fréchet distances) of ARCHIVES (parts read as one)."""
     result = run_analysis(**kwargs)
     _emit_json(result, json_path)
@@ -120,6 +122,9 @@ def analyze_cmd(json_path, netcdf_path, plot_path, **kwargs):
     if plot_path:
         from pipelines.plots import plot_layer_curve
         plot_layer_curve(result.dataset, plot_path)
+    if report_path:
+        from pipelines.report import write_analysis_report
+        write_analysis_report(result, kwargs["archives"], report_path)
 
 
 def _header(result) -> str:

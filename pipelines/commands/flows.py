@@ -43,7 +43,9 @@ def demo(out, quiet):
                                               "e.g. cuda:0,cuda:1 (overrides [extract] device).")
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="Run the analyses on this dask.distributed "
                                                                     "scheduler (overrides [analyze] scheduler).")
-def study(config, jobs, devices, scheduler):
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
+              help="Write a self-contained HTML report: MIR by step with intervals, per-layer FDs, provenance.")
+def study(config, jobs, devices, scheduler, report_path):
     """Extract and analyse every checkpoint listed in CONFIG (TOML); only new work is done on re-runs."""
     from analyze import AnalysisError
     from pipelines.config_args import ConfigArgsError
@@ -70,6 +72,9 @@ def study(config, jobs, devices, scheduler):
         step = "-" if o.checkpoint.step is None else o.checkpoint.step
         click.echo(f"{step:>8} {o.checkpoint.name:<24} {o.result['mir']:>9.5f} {ci:>19}  {work}")
     click.echo(f"\nsummary: {cfg.out / 'summary.csv'}, {cfg.out / 'summary.json'}, {cfg.out / 'mir_by_step.png'}")
+    if report_path:
+        from pipelines.report import write_study_report
+        click.echo(f"report: {write_study_report(cfg, outcomes, report_path)}")
 
 
 @click.command()
