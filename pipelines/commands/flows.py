@@ -10,6 +10,11 @@ import click
 from storage_schemas import ArchiveError
 
 
+def _log_targets(ctx, param, value):
+    from pipelines.trackers import validate_targets
+    return validate_targets(ctx, param, value)
+
+
 @click.command()
 @click.option("--out", default="mir-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the archive, mir.json and report.png.")
@@ -45,7 +50,10 @@ def demo(out, quiet):
                                                                     "scheduler (overrides [analyze] scheduler).")
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
               help="Write a self-contained HTML report: MIR by step with intervals, per-layer FDs, provenance.")
-def study(config, jobs, devices, scheduler, report_path):
+@click.option("--log", "log_targets", multiple=True, metavar="KIND:WHERE", callback=_log_targets,
+              help="Log MIR, its interval, per-layer FDs and the settings to tensorboard:DIR or mlflow:URI "
+                   "(repeatable).")
+def study(config, jobs, devices, scheduler, report_path, log_targets):
     """Extract and analyse every checkpoint listed in CONFIG (TOML); only new work is done on re-runs."""
     from analyze import AnalysisError
     from pipelines.config_args import ConfigArgsError
@@ -72,6 +80,8 @@ def study(config, jobs, devices, scheduler, report_path):
         step = "-" if o.checkpoint.step is None else o.checkpoint.step
         click.echo(f"{step:>8} {o.checkpoint.name:<24} {o.result['mir']:>9.5f} {ci:>19}  {work}")
     click.echo(f"\nsummary: {cfg.out / 'summary.csv'}, {cfg.out / 'summary.json'}, {cfg.out / 'mir_by_step.png'}")
+    from pipelines.trackers import log_study
+    log_study(log_targets, cfg, outcomes)
     if report_path:
         from pipelines.report import write_study_report
         click.echo(f"report: {write_study_report(cfg, outcomes, report_path)}")
@@ -93,7 +103,11 @@ def study(config, jobs, devices, scheduler, report_path):
               help="Write results as JSON ('-' for stdout, instead of the table).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Plot the per-layer curves together (PNG).")
-def compare(archives, labels, layers, text_tokens, mode, bootstrap, seed, scheduler, json_path, plot_path):
+@click.option("--log", "log_targets", multiple=True, metavar="KIND:WHERE", callback=_log_targets,
+              help="Log MIR, its interval, per-layer FDs and the settings to tensorboard:DIR or mlflow:URI "
+                   "(repeatable).")
+def compare(archives, labels, layers, text_tokens, mode, bootstrap, seed, scheduler, json_path, plot_path,
+            log_targets):
     """Analyse several ARCHIVES on the sample ids they share, side by side, with the noise of each difference."""
     from analyze import AnalysisError, AnalysisOptions, Runner
     from pipelines.compare import compare_archives, format_comparison
@@ -106,6 +120,8 @@ def compare(archives, labels, layers, text_tokens, mode, bootstrap, seed, schedu
         raise click.ClickException(str(exc)) from exc
     finally:
         runner.close()
+    from pipelines.trackers import log_comparison
+    log_comparison(log_targets, result, archives)
     text = json.dumps(result.to_json(), indent=2)
     if json_path == "-":
         click.echo(text)
