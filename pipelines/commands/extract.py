@@ -34,7 +34,8 @@ def _fail(exc: Exception) -> click.ClickException:
 @click.option("--max-text-tokens", type=click.IntRange(min=1), help="Cut each text after this many tokens.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (checks model, settings and data).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing archive at --out.")
-@click.option("--shard", help="K/N: process the K-th of N disjoint slices of the sample list (K = 1..N).")
+@click.option("--shard", help="K/N: process the K-th of N disjoint slices of the sample list (K = 1..N); 'auto': "
+              "take the part (and GPU) torchrun or a Slurm array assigns, the last part to finish merges them.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off by default).")
 @click.option("--revision", help="Hub revision (branch, tag or commit).")
 @click.option("--attn-implementation", help="e.g. sdpa, flash_attention_2, eager (default: transformers' choice).")
@@ -60,7 +61,8 @@ def extract(model, out, images, texts, manifest, num, seed, batch_size, device, 
             model=model, out=out, images=images, texts=texts, manifest=manifest, num=num, seed=seed,
             batch_size=batch_size, device=device, dtype=dtype, layers=layers, template=template,
             text_tokens=text_tokens, max_text_tokens=max_text_tokens, resume=resume, overwrite=overwrite,
-            shard=parse_shard(shard), trust_remote_code=trust_remote_code, revision=revision,
+            shard=None if shard == "auto" else parse_shard(shard), trust_remote_code=trust_remote_code,
+            revision=revision,
             attn_implementation=attn_implementation, commit_every=commit_every, compression=compression,
             preflight=not no_preflight,
             progress=not quiet)
@@ -68,6 +70,8 @@ def extract(model, out, images, texts, manifest, num, seed, batch_size, device, 
             plan = estimate(opts)
             click.echo(plan.describe())
             return
+        if shard == "auto":
+            from extract.launch import extract_auto as run_extract
         result = run_extract(opts, on_info=click.echo)
     except (ExtractError, ArchiveError) as exc:
         raise _fail(exc) from exc
