@@ -52,6 +52,7 @@ def test_trainer_callback_equals_mir_extract_of_saved_checkpoints(tmp_path, monk
                              run_name="toy-run", disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=ToyDataset(processor), processing_class=processor)
     callback = MIRCallback(manifest, tmp_path / "mir", batch_size=2, bootstrap=20).attach(trainer)
+    every = MIRCallback(manifest, tmp_path / "mir-every", every=3, prefix="mir_every", batch_size=2).attach(trainer)
     trainer.train()
 
     assert model.training  # the callback put the model back in training mode
@@ -86,6 +87,10 @@ def test_trainer_callback_equals_mir_extract_of_saved_checkpoints(tmp_path, monk
         assert row["mir/mir"] == outcome.result.mir
         assert (row["mir/ci_low"], row["mir/ci_high"]) == (boot["ci_low"], boot["ci_high"])
         assert {k for k in row if k.startswith("mir/fd_layer_")} == {"mir/fd_layer_1", "mir/fd_layer_2"}
+    assert [o.step for o in every.history] == [3]  # every N steps, without a checkpoint
+    every_attrs = json.loads((tmp_path / "mir-every" / "step-3.zarr" / "zarr.json").read_text())["attributes"]
+    assert every_attrs["model"]["weights"]["step"] == 3 and every_attrs["model"]["weights"]["checkpoint"] is None
+    assert [h["step"] for h in trainer.state.log_history if "mir_every/mir" in h] == [3]
     scalars = _tensorboard_scalars(tmp_path / "tb")
     assert [s for s, _ in scalars["train/mir/mir"]] == [2, 4]
     assert np.allclose([v for _, v in scalars["train/mir/mir"]], mirs, rtol=1e-6)  # TensorBoard stores float32
