@@ -88,7 +88,10 @@ def _inference_state(model: Any, tokenizer: Any) -> Iterator[None]:
         model.train(training)
         tokenizer.padding_side = side
         if pad is None:
-            tokenizer.pad_token = None
+            try:
+                tokenizer.pad_token = None
+            except (AttributeError, ValueError, TypeError):  # some tokenizers refuse; eos padding is harmless
+                pass
 
 
 def extract_live(model: Any, processor: Any, opts: ExtractOptions, *, run: str, step: int,

@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .training import Probe, StepMIR, mir_at_step
+from .training import Probe, StepMIR, check_probe, mir_at_step
 
 
 class MIRCallback(TrainerCallback):
@@ -51,6 +51,7 @@ class MIRCallback(TrainerCallback):
             raise RuntimeError("MIRCallback logs through the trainer: add it with MIRCallback(...).attach(trainer)")
         if not self._run_given:
             self.probe.run = args.run_name or Path(args.output_dir).name
+        check_probe(self.probe)  # a missing or broken probe file fails now, not at the first save
 
     def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         if self.every is not None and state.global_step % self.every == 0:

@@ -78,6 +78,17 @@ def _options(probe: Probe, out: Path, shard: tuple[int, int] | None):
                           shard=shard, compression=probe.compression, progress=False, **probe.extra)
 
 
+def check_probe(probe: Probe) -> int:
+    """Read the manifest and decode every image and text now, so a bad probe stops the run before
+    training starts rather than at the first save; returns the number of samples."""
+    from extract import data as data_mod
+    from extract.extraction import sample_list
+
+    samples = sample_list(_options(probe, Path(probe.out) / "check", None))
+    data_mod.preflight(samples)
+    return len(samples)
+
+
 def analyse_archive(path: str | Path, *, layers: str | None = None, text_tokens: str = "after_image",
                     bootstrap: int = 0, seed: int = 0):
     """`mir analyze` of one archive with local threads; returns the analyze.AnalysisResult."""

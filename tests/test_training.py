@@ -134,3 +134,21 @@ def test_plain_loop_function_equals_mir_extract(tmp_path):
     scalars = outcome.scalars()
     assert scalars["mir/mir"] == outcome.result.mir and "mir/ci_low" not in scalars
     assert sorted(scalars) == ["mir/fd_layer_1", "mir/fd_layer_2", "mir/mir"]
+
+
+def test_a_broken_probe_stops_training_before_the_first_step(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from extract.errors import DataError
+    from pipelines.trainer_callback import MIRCallback
+
+    model, processor = load(tiny_llava(tmp_path / "init"))
+    manifest = probe_manifest(tmp_path / "probe")
+    (tmp_path / "probe" / "p2.png").write_bytes(b"not a png")
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, save_steps=1, report_to=[],
+                             use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=ToyDataset(processor, n=2), processing_class=processor)
+    MIRCallback(manifest, tmp_path / "mir").attach(trainer)
+    with pytest.raises(DataError, match="p2.png"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not (tmp_path / "run" / "checkpoint-1").exists()
