@@ -120,6 +120,12 @@ def mir_at_step(model: Any, processor: Any, probe: Probe, step: int, *,
     if world == 1:
         extract_live(model, processor, _options(probe, final, None), run=probe.run, step=step, checkpoint=checkpoint)
     else:
+        from extract.extraction import sample_list
+
+        n = len(sample_list(_options(probe, final, None)))
+        if n < world:
+            raise ValueError(f"the probe has {n} samples, fewer than the {world} processes that would each extract "
+                             "a shard of it; use a larger probe")
         parts = final.parent / f".step-{int(step)}.parts"
         part = parts / f"part-{rank + 1}-of-{world}.zarr"
         parts.mkdir(parents=True, exist_ok=True)
