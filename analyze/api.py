@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
-import platform
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 
 import numpy as np
 import xarray as xr
+from storage_schemas.provenance import library_versions
 
 from . import bootstrap as boot
 from .cache import StatsCache
@@ -91,13 +90,7 @@ def _json_safe(obj):
 
 
 def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("mir-pipeline", "numpy", "scipy", "dask", "distributed", "zarr", "xarray"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return library_versions(("numpy", "scipy", "dask", "distributed", "zarr", "xarray"))
 
 
 def _memory_plan(selection, workers: int, memory_limit: int | None) -> tuple[int, int]:

@@ -14,6 +14,7 @@ import zarr
 from .schema import (HIDDEN, HIDDEN_DIMS, MODALITIES, SAMPLE_VARIABLES, SAMPLES_GROUP, TOKEN_VARIABLES,
                      ArchiveError, TextRole, commit_key_for, offsets_mismatch,
                      sample_index_matches)
+from .sidecars import root_findings
 from .store import check_codecs, missing_chunk_files, open_store, read_root_attrs
 
 
@@ -24,6 +25,7 @@ class ValidationReport:
     warnings: list[str] = field(default_factory=list)
     checked_chunks: int = 0
     attrs: dict = field(default_factory=dict)
+    sidecars: list[str] = field(default_factory=list)  # declared sidecars present (derived data, not checked)
 
     @property
     def ok(self) -> bool:
@@ -32,7 +34,9 @@ class ValidationReport:
 
 def validate_archive(location: str | Path, storage_options: dict | None = None, *,
                      check_chunks: bool = True) -> ValidationReport:
-    """Check everything a reader relies on. Never raises for a damaged archive: it reports."""
+    """Check everything a reader relies on. Never raises for a damaged archive: it reports.
+
+    Sidecars (storage_schemas.sidecars) are named in `sidecars`, not checked: they are derived data."""
     report = ValidationReport(str(location))
     try:
         store = open_store(location, storage_options)
@@ -42,6 +46,8 @@ def validate_archive(location: str | Path, storage_options: dict | None = None, 
         report.problems.append(str(exc))
         return report
     commit = attrs["commit"]
+    report.sidecars, foreign = root_findings(location)
+    report.warnings += foreign
     arrays = _open_arrays(group, report)
     if report.problems:
         return report

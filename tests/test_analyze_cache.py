@@ -8,7 +8,7 @@ import pytest
 
 import analyze.api as api
 from analyze import AnalysisOptions, analyze_selection
-from analyze.cache import GROUP
+from storage_schemas.sidecars import ANALYSIS_CACHE as GROUP
 from storage_schemas import ArchiveWriter, open_archive
 from storage_schemas.synth import synthetic_records, write_synthetic_archive
 

@@ -90,7 +90,8 @@ def test_parts_read_as_one_equal_one_archive(tmp_path):
 
 def test_errors_are_messages_not_tracebacks(archive, tmp_path):
     cases = [
-        (["--layers", "9"], "not stored"),
+        (["--layers", "9"], "outside 0..3"),
+        (["--layers", "-1,9"], "stored layers: 0-3"),
         (["--samples", "0:3,99"], "outside"),
         (["--where", "__import__('os').system('true')"], "only comparisons"),
         (["--where", "row % 2 == 0"], "only comparisons"),
