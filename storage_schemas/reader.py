@@ -21,6 +21,7 @@ from .schema import (DEFAULT_TEXT_TOKEN_RULE, HIDDEN, HIDDEN_DIMS, MODALITIES, S
                      TOKEN_VARIABLES, ArchiveError, TextTokenRule, commit_key_for, dimension_names, offsets_mismatch,
                      sample_index_matches)
 from .provenance import json_digest
+from .remote import StoreAccessError
 from .store import check_codecs, is_writable_local, missing_chunk_files, open_store, read_root_attrs
 
 SampleSpec = None | slice | Sequence[int] | np.ndarray | Sequence[str] | Callable[[xr.Dataset], np.ndarray]
@@ -43,6 +44,8 @@ class StoredArraySource:
     def __getitem__(self, key):
         try:
             return self._open()[key]
+        except StoreAccessError as exc:
+            raise StoreAccessError(f"{exc} (reading array '{self.path}', region {_describe(key, self.shape)})") from exc
         except Exception as exc:
             hint = (" If it is served over HTTP, the server must honour Range requests (nginx, Apache, S3 and "
                     "GCS do; `python -m http.server` does not)." if self.location.startswith("http") else "")
@@ -91,7 +94,7 @@ class _Part:
     def _array(self, path: str) -> zarr.Array:
         try:
             arr = self.group[path]
-        except KeyError:
+        except (KeyError, StoreAccessError):
             raise
         except Exception as exc:
             raise ArchiveError(f"{self.location}: the metadata of array '{path}' is unreadable "

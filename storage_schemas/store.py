@@ -8,6 +8,7 @@ from pathlib import Path
 
 import zarr
 
+from .remote import RetryingStore
 from .schema import SCHEMA_MAJOR, SCHEMA_NAME, ArchiveError
 
 REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "gcs://", "az://", "abfs://", "memory://")
@@ -23,12 +24,14 @@ def local_path(location: str | Path) -> Path:
 
 
 def open_store(location: str | Path, storage_options: dict | None = None, *, read_only: bool = True):
-    """A zarr store for a local directory (`file://` accepted) or an fsspec URL. Never executes code."""
+    """A zarr store for a local directory (`file://` accepted) or an fsspec URL (reads retried, see remote.py).
+    Never executes code."""
     location = str(location)
     if is_remote(location):
         try:
-            return zarr.storage.FsspecStore.from_url(location, storage_options=storage_options or {},
-                                                     read_only=True)
+            store = zarr.storage.FsspecStore.from_url(location, storage_options=storage_options or {},
+                                                      read_only=True)
+            return RetryingStore(store, location)
         except ImportError as exc:
             raise ArchiveError(f"reading {location} needs an fsspec backend: {exc}. "
                                "Install the remote extra: pip install 'mir-pipeline[remote]'") from exc
