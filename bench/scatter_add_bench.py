@@ -14,20 +14,11 @@ fallback path (MIR_KERNELS=numpy or no numba); the compiled kernels do not use e
 from __future__ import annotations
 
 import argparse
-import time
+import timeit
 
 import numpy as np
 
 from analyze.radix import SUB_ROWS
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -60,7 +51,7 @@ def main() -> None:
 
     assert np.array_equal(add_at_steps(), bincount_steps()) and np.array_equal(add_at_steps(), bincount_once())
     per = 1e9 / whole.size
-    t = {name: best_of(fn, args.repeats) * per for name, fn in
+    t = {name: min(timeit.repeat(fn, number=1, repeat=args.repeats)) * per for name, fn in
          (("np.add.at per step", add_at_steps), ("np.bincount per step", bincount_steps),
           ("np.bincount once per block", bincount_once))}
     print(f"d = {d}, {n} rows ({whole.size} values), steps of {SUB_ROWS} rows, numpy {np.__version__}")
