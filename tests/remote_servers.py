@@ -110,19 +110,18 @@ class FlakyRangeRequestHandler(RangeRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             return
         if mode == "status":
-            self.send_response(503, "Service Unavailable")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
+            return self._unavailable()
         super().do_GET()
 
     def do_HEAD(self):
         if self.plan.take() is not None:
-            self.send_response(503, "Service Unavailable")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
+            return self._unavailable()
         super().do_HEAD()
+
+    def _unavailable(self):
+        self.send_response(503, "Service Unavailable")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
 
 @contextlib.contextmanager

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import click
 
-from analyze import AnalysisError, analyze_selection, parse_layers, resolve_samples
-from storage_schemas import MODALITIES, ArchiveError, open_archive
+from analyze import analyze_selection, parse_layers, resolve_samples
+from storage_schemas import MODALITIES, open_archive
 
-from .options import analysis_options, make_runner, selection_options, trace_options
+from .options import analysis_options, analysis_run, selection_options, trace_options
 
 
 def run_analysis(archives, layers, samples, where, text_tokens, scheduler, workers, memory_limit, precision, no_cache,
@@ -20,17 +20,12 @@ def run_analysis(archives, layers, samples, where, text_tokens, scheduler, worke
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     options = analysis_options(precision=precision, no_cache=no_cache, cache_dir=cache_dir, memory_limit=memory_limit,
                                **extra)
-    runner = make_runner(scheduler, workers, progress)
-    try:
+    with analysis_run(scheduler, workers, progress) as runner:
         archive = open_archive(list(archives))
         rows = resolve_samples(archive, samples, where)
         chosen = parse_layers(layers, archive.layers, archive.hidden_states_entries)
         selection = archive.select(samples=rows, layers=chosen, text_tokens=text_tokens)
         return analyze_selection(selection, options, runner=runner)
-    except (ArchiveError, AnalysisError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    finally:
-        runner.close()
 
 
 def _emit_json(result, path: str | None) -> None:

@@ -9,7 +9,7 @@ import click
 
 from storage_schemas import ArchiveError
 
-from .options import analysis_options, make_runner, selection_options, trace_options
+from .options import analysis_options, analysis_run, selection_options, trace_options
 
 
 @click.command()
@@ -85,19 +85,13 @@ def compare(archives, labels, layers, samples, where, text_tokens, scheduler, wo
     """Analyse several ARCHIVES on the sample ids they share, side by side, with the noise of each difference.
 
     --samples and --where choose among the first archive's samples; only those every archive holds are compared."""
-    from analyze import AnalysisError
     from pipelines.compare import compare_archives, format_comparison
 
     options = analysis_options(precision=precision, no_cache=no_cache, cache_dir=cache_dir, memory_limit=memory_limit,
                                **trace)
-    runner = make_runner(scheduler, workers, progress)
-    try:
+    with analysis_run(scheduler, workers, progress) as runner:
         result = compare_archives(list(archives), labels=list(labels) or None, layers=layers, samples=samples,
                                   where=where, text_tokens=text_tokens, options=options, runner=runner)
-    except (ArchiveError, AnalysisError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    finally:
-        runner.close()
     text = json.dumps(result.to_json(), indent=2)
     if json_path == "-":
         click.echo(text)

@@ -3,6 +3,7 @@ declared once so the three accept the same words with the same meaning, and turn
 and AnalysisOptions in one place."""
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import click
@@ -83,11 +84,19 @@ def trace_options(bootstrap_default: int):
     return decorate
 
 
-def make_runner(scheduler: str | None, workers: int | None, progress: bool | None):
-    """The Dask runner the options ask for (progress bars default to on when stderr is a terminal)."""
-    from analyze import Runner
+@contextlib.contextmanager
+def analysis_run(scheduler: str | None, workers: int | None, progress: bool | None):
+    """The Dask runner the options ask for (progress bars default to on when stderr is a terminal); archive
+    and analysis errors inside become one-line messages, and the runner is closed after."""
+    from analyze import AnalysisError, Runner
 
-    return Runner(scheduler, workers=workers, progress=sys.stderr.isatty() if progress is None else progress)
+    runner = Runner(scheduler, workers=workers, progress=sys.stderr.isatty() if progress is None else progress)
+    try:
+        yield runner
+    except (ArchiveError, AnalysisError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        runner.close()
 
 
 def analysis_options(*, precision: str, no_cache: bool, cache_dir: str | None, memory_limit: str | None, **extra):
