@@ -2,9 +2,9 @@
 
 Where: inside the archive, in its declared analysis-cache sidecar (storage_schemas.sidecars; one
 subgroup per entry), when the archive is one local writable directory; otherwise in a local
-directory (user_cache_dir(): $MIR_CACHE_DIR, else ~/.cache/mir-pipeline), one folder per archive. An entry's name carries the archive fingerprint,
-which changes with every commit, so appending samples invalidates every entry; stale entries are
-deleted when a new one is written.
+directory (user_cache_dir(): $MIR_CACHE_DIR, else ~/.cache/mir-pipeline), one folder per
+archive. An entry's name carries the archive fingerprint, which changes with every commit, so
+appending samples invalidates every entry; stale entries are deleted when a new one is written.
 
 Crash safety: an entry is written completely in a hidden temporary folder, marked complete last,
 then renamed into place (atomic on one filesystem). A reader accepts an entry only if the marker

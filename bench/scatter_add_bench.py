@@ -57,8 +57,9 @@ def main() -> None:
     print(f"d = {d}, {n} rows ({whole.size} values), steps of {SUB_ROWS} rows, numpy {np.__version__}")
     for name, ns in t.items():
         print(f"  {name:<28} {ns:6.2f} ns per value")
-    print(f"  ratio add.at / bincount, per step:        {t['np.add.at per step'] / t['np.bincount per step']:.2f}")
-    print(f"  ratio add.at per step / bincount once:    {t['np.add.at per step'] / t['np.bincount once per block']:.2f}")
+    add_at = t["np.add.at per step"]
+    print(f"  ratio add.at / bincount, per step:        {add_at / t['np.bincount per step']:.2f}")
+    print(f"  ratio add.at per step / bincount once:    {add_at / t['np.bincount once per block']:.2f}")
 
 
 if __name__ == "__main__":
