@@ -25,6 +25,7 @@ from .prompts import RESPONSE_RULE, TRUNCATION_RULE, PromptLayout
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class ExtractOptions:
     """Everything `mir extract` can be told; the README (`mir extract`) gives the meaning of each."""
@@ -78,7 +79,7 @@ def parse_layers(spec: str | None, num_hidden_layers: int) -> list[int]:
     try:
         return ranges.parse_layers(spec, n, default=range(n))
     except ArchiveError as exc:
-        raise ExtractError(f"{exc}; this model has hidden states 0..{n - 1} (0 = embeddings)") from None
+        raise ExtractError(f"{exc} of this model's hidden states (0 = embeddings)") from None
 
 
 def parse_shard(spec: str | None) -> tuple[int, int] | None:
