@@ -79,7 +79,7 @@ def parse_layers(spec: str | None, num_hidden_layers: int) -> list[int]:
     try:
         return ranges.parse_layers(spec, n, default=range(n))
     except ArchiveError as exc:
-        raise ExtractError(f"{exc} of this model's hidden states (0 = embeddings)") from None
+        raise ExtractError(f"{exc} (this model's hidden states are 0..{n - 1}; 0 = embeddings)") from None
 
 
 def parse_shard(spec: str | None) -> tuple[int, int] | None:
