@@ -1,10 +1,10 @@
 """Cache of per-layer sufficient statistics, so re-analysis (other sqrt mode, bootstrap, layers) is cheap.
 
-Where: inside the archive, in a Zarr subgroup `_mir_cache/` (one subgroup per entry), when the
-archive is one local writable directory; otherwise in a local directory ($MIR_CACHE_DIR, else
-~/.cache/mir-pipeline), one folder per archive. An entry's name carries the archive fingerprint,
-which changes with every commit, so appending samples invalidates every entry; stale entries are
-deleted when a new one is written.
+Where: inside the archive, in its declared analysis-cache sidecar (storage_schemas.sidecars; one
+subgroup per entry), when the archive is one local writable directory; otherwise in a local
+directory (user_cache_dir(): $MIR_CACHE_DIR, else ~/.cache/mir-pipeline), one folder per
+archive. An entry's name carries the archive fingerprint, which changes with every commit, so
+appending samples invalidates every entry; stale entries are deleted when a new one is written.
 
 Crash safety: an entry is written completely in a hidden temporary folder, marked complete last,
 then renamed into place (atomic on one filesystem). A reader accepts an entry only if the marker
@@ -14,7 +14,6 @@ Anything else is a miss: the entry is removed and recomputed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,23 +26,28 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from storage_schemas.provenance import json_digest
+from storage_schemas.schema import MODALITIES
+from storage_schemas.sidecars import ANALYSIS_CACHE, sidecar_dir
+
 from .moments import Moments
 from .stats import LayerStats, ModalityStats, NormSummary
 
 log = logging.getLogger(__name__)
 FORMAT = "mir-analysis-cache/1"
-GROUP = "_mir_cache"
 STALE_TMP_SECONDS = 3600
 MAX_ENTRY_BYTES = 2 * 2**30  # per-block statistics of big models are not worth the disk (d=4096, K=20: 5 GB)
-MODALITIES = ("vision", "text")
 
 
-def default_cache_root() -> Path:
-    return Path(os.environ.get("MIR_CACHE_DIR") or Path.home() / ".cache" / "mir-pipeline")
+def user_cache_dir() -> Path:
+    """mir-pipeline's per-user cache folder: $MIR_CACHE_DIR (`~` expanded; empty means unset), else
+    ~/.cache/mir-pipeline. The analysis cache of read-only archives and the demo's model live there."""
+    configured = os.environ.get("MIR_CACHE_DIR", "").strip()
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "mir-pipeline"
 
 
 def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(obj, 16)
 
 
 class StatsCache:
@@ -57,10 +61,12 @@ class StatsCache:
     def for_archive(cls, archive, cache_dir: str | Path | None = None) -> "StatsCache":
         """Inside the archive when it is one writable local folder, else a local cache folder."""
         if cache_dir is None and not archive.read_only and len(archive.paths) == 1:
-            directory = Path(str(archive.paths[0]).removeprefix("file://")).expanduser() / GROUP
-            _ensure_subgroup(directory)
-            return cls(directory, archive.fingerprint)
-        root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+            try:
+                return cls(sidecar_dir(archive.paths[0], ANALYSIS_CACHE, create=True), archive.fingerprint)
+            except OSError as exc:
+                log.warning("cannot create the analysis cache inside %s (%s); using %s", archive.paths[0], exc,
+                            user_cache_dir())
+        root = Path(cache_dir).expanduser() if cache_dir is not None else user_cache_dir()
         identity = _hash(sorted(str(p) for p in archive.paths))
         return cls(root / identity, archive.fingerprint)
 
@@ -126,22 +132,6 @@ class StatsCache:
                     shutil.rmtree(child, ignore_errors=True)
             elif child.is_dir() and not child.name.startswith(self.fingerprint + "-"):
                 shutil.rmtree(child, ignore_errors=True)
-
-    def entries(self) -> list[Path]:
-        if not self.directory.is_dir():
-            return []
-        return sorted(p for p in self.directory.iterdir() if p.is_dir() and not p.name.startswith(".tmp-"))
-
-
-def _ensure_subgroup(directory: Path) -> None:
-    """Make `_mir_cache` a proper (empty) Zarr group of the archive, so Zarr tools see valid metadata."""
-    if not (directory / "zarr.json").exists():
-        try:
-            directory.mkdir(exist_ok=True)
-            zarr.open_group(zarr.storage.LocalStore(directory), mode="a", zarr_format=3,
-                            attributes={"about": "mir analyze: cached sufficient statistics; safe to delete"})
-        except OSError:
-            pass
 
 
 def _codecs():

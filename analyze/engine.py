@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import dask
 import numpy as np
+from storage_schemas.schema import MODALITIES
 
 from . import kernels
 from .errors import AnalysisError
@@ -28,7 +29,6 @@ from .scan import finish_scan, merge_moments, merge_scan, runs
 from .stats import LayerStats, ModalityStats, NormSummary
 
 log = logging.getLogger(__name__)
-MODALITIES = ("vision", "text")
 STATS_VERSION = 1
 
 

@@ -115,8 +115,9 @@ class RadixState:
 # --------------------------------------------------------------------- block kernels
 def byte_histogram(x: np.ndarray, fixed: int, prefix: np.ndarray) -> np.ndarray:
     """Counts (d, 256) of the raw byte below the `fixed` top bytes, over elements whose top bytes
-    equal `prefix[column]` (all elements when fixed == 0). np.add.at with 32-bit indices is the
-    fastest scatter-add numpy offers here (about 2 ns per element; bincount is slower)."""
+    equal `prefix[column]` (all elements when fixed == 0). np.add.at into one persistent table and
+    np.bincount per step run at the same speed (bench/scatter_add_bench.py, numpy 2.4: add.at took
+    0.95x the time at d = 4096, 1.05x at d = 1024); add.at needs no per-step temporary table."""
     n, d = x.shape
     itemsize = x.dtype.itemsize
     out = np.zeros(d * 256, np.int64)

@@ -8,12 +8,12 @@ import numpy as np
 import scipy.linalg as sl
 import xarray as xr
 from scipy.sparse.linalg import eigsh
+from storage_schemas.schema import MODALITIES
 
 from .frechet import PsdFactor, frechet_distance
 from .stats import LayerStats, ModalityStats
 
 LEADING = 5
-MODALITIES = ("vision", "text")
 
 
 def _scaled_rows(s: ModalityStats, mean: np.ndarray, a: float) -> np.ndarray | None:

@@ -20,8 +20,8 @@ def single_threaded_blas():
     """BLAS limited to one thread while our own threads run BLAS calls side by side.
 
     Measured on a 2-core machine: OpenBLAS's own thread pool on top of Dask's threads (or under any
-    other load) made a 256 x 256 eigh 100x slower and the passes 3x slower. Uses threadpoolctl when
-    installed (a dependency to add to the project); without it the BLAS default stays.
+    other load) made a 256 x 256 eigh 100x slower and the passes 3x slower. Uses threadpoolctl (a
+    declared dependency); should an install lack it, the BLAS default stays.
     """
     try:
         from threadpoolctl import threadpool_limits

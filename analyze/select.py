@@ -1,6 +1,7 @@
-"""Turning user text into a Selection: sample ranges / id files / random draws, layer ranges, and a
-safe metadata predicate (`--where`), parsed with `ast` and interpreted over whitelisted nodes only:
-no eval, no attribute access, no calls other than a few string tests."""
+"""Turning user text into a Selection: sample rows (index ranges, @FILE of ids, random draws), layers
+(both in the one index-range grammar of storage_schemas.ranges), and a safe metadata predicate
+(`--where`), parsed with `ast` and interpreted over whitelisted nodes only: no eval, no attribute
+access, no calls other than a few string tests."""
 from __future__ import annotations
 
 import ast
@@ -9,73 +10,40 @@ from pathlib import Path
 
 import numpy as np
 
+from storage_schemas import ArchiveError, ranges
+
 from .errors import AnalysisError
 
-_RANGE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(?::\s*(\d+)\s*)?$")
 
-
-def parse_ranges(text: str, upper: int, what: str) -> list[int]:
-    """'3', '0:50' (half-open, like Python), '2-8' (inclusive), comma-separated; 0 <= value < upper."""
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        m = _RANGE.match(part)
-        if m:
-            start = int(m.group(1)) if m.group(1) else 0
-            stop = int(m.group(2)) if m.group(2) else upper
-            step = int(m.group(3)) if m.group(3) else 1
-            if step < 1:
-                raise AnalysisError(f"{what} range {part!r}: the step must be at least 1")
-            out.extend(range(start, stop, step))
-        elif re.fullmatch(r"\d+\s*-\s*\d+", part):
-            a, b = (int(x) for x in part.split("-"))
-            out.extend(range(a, b + 1))
-        elif re.fullmatch(r"\d+", part):
-            out.append(int(part))
-        else:
-            raise AnalysisError(f"cannot read {what} {part!r}: use N, A:B (half-open), A-B (inclusive), "
-                                "comma-separated")
-    return out
-
-
-def parse_layers(text: str | None, stored: np.ndarray) -> list[int]:
-    """Layer values; default: every stored layer except 0 (the embeddings, skipped by MIR_SPEC)."""
-    stored_list = [int(x) for x in stored]
-    if text is None:
-        chosen = [x for x in stored_list if x >= 1] or stored_list
-        return chosen
-    if text.strip() == "all":
+def parse_layers(text: str | None, stored: np.ndarray, entries: int | None = None) -> list[int]:
+    """Layer values in the shared grammar (storage_schemas.ranges) over the model's `entries` hidden_states
+    indices (default: up to the highest stored layer); default: every stored layer except 0 (the
+    embeddings, skipped by MIR_SPEC)."""
+    stored_list = sorted(int(x) for x in stored)
+    entries = entries if entries is not None else (stored_list[-1] + 1 if stored_list else 0)
+    if text is not None and text.strip().lower() == "all":
         return stored_list
-    chosen = parse_ranges(text, max(stored_list) + 1, "layer")
+    default = [x for x in stored_list if x >= 1] or stored_list
+    try:
+        chosen = ranges.parse_layers(text, entries, default)
+    except ArchiveError as exc:
+        raise AnalysisError(f"{exc}; stored layers: {ranges.compact_ranges(stored_list)}") from None
     missing = sorted(set(chosen) - set(stored_list))
     if missing:
-        raise AnalysisError(f"layers {missing} are not stored in this archive; stored layers: "
-                            f"{_compact(stored_list)}")
-    if not chosen:
-        raise AnalysisError(f"--layers {text!r} selects no layer")
-    return sorted(set(chosen))
+        raise AnalysisError(f"layers {ranges.compact_ranges(missing)} are not stored in this archive; stored layers: "
+                            f"{ranges.compact_ranges(stored_list)}")
+    return chosen
 
 
-def _compact(values: list[int]) -> str:
-    if not values:
-        return "none"
-    parts, start, prev = [], values[0], values[0]
-    for v in values[1:] + [None]:
-        if v is not None and v == prev + 1:
-            prev = v
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if v is not None:
-            start = prev = v
-    return ",".join(parts)
-
-
-def resolve_samples(archive, samples: str | None = None, where: str | None = None) -> np.ndarray:
-    """Sample rows chosen by --samples (ranges, @FILE or FILE of ids, random:N:SEED) and --where."""
+def resolve_samples(archive, samples: str | None = None, where: str | None = None,
+                    within: np.ndarray | None = None) -> np.ndarray:
+    """Sample rows chosen by --samples (index ranges, @FILE of ids, random:N:SEED) and --where, among the
+    rows `within` allows (a mask; default all). Only a leading @ names a file, so the meaning never
+    depends on what the working directory holds."""
     n = archive.n_samples
     mask = np.ones(n, bool) if where is None else where_mask(where, archive.samples)
+    if within is not None:
+        mask &= within
     if samples is None or samples.strip() in ("", "all"):
         rows = np.arange(n)
     elif samples.startswith("random:"):
@@ -88,14 +56,14 @@ def resolve_samples(archive, samples: str | None = None, where: str | None = Non
         if count > len(pool) or count < 1:
             raise AnalysisError(f"--samples {samples!r}: cannot draw {count} of the {len(pool)} eligible samples")
         return np.sort(np.random.default_rng(seed).choice(pool, size=count, replace=False))
-    elif samples.startswith("@") or (not _RANGE.match(samples.split(",")[0]) and Path(samples).is_file()):
-        rows = archive.resolve_samples(_read_ids(Path(samples.removeprefix("@"))))
+    elif samples.startswith("@"):
+        rows = archive.resolve_samples(_read_ids(Path(samples[1:]).expanduser()))
     else:
-        rows = np.array(sorted(set(parse_ranges(samples, n, "sample"))), dtype=np.int64)
-        bad = rows[(rows < 0) | (rows >= n)]
-        if len(bad):
-            raise AnalysisError(f"sample indices {bad[:5].tolist()} are outside 0..{n - 1} (the archive has {n} "
-                                "samples)")
+        try:
+            rows = np.array(ranges.parse_index_ranges(samples, n, "--samples"), dtype=np.int64)
+        except ArchiveError as exc:
+            hint = f" (a file of sample ids is written @{samples})" if Path(samples).is_file() else ""
+            raise AnalysisError(f"{exc}; the archive has {n} samples{hint}") from None
     rows = rows[mask[rows]]
     if len(rows) == 0:
         raise AnalysisError("the sample selection (--samples / --where) is empty")

@@ -158,7 +158,8 @@ def count_window(x: np.ndarray, window: Window) -> WindowCounts:
             tops = raw.reshape(-1)[at[sparse] + (itemsize - 1)]
             gathered_keys.append((col[sparse] * 256 + tops).astype(np.int32))
             gathered_bytes.append(second[sparse])
-    # one bincount over the block: 2x faster than np.add.at per sub-block
+    # one bincount over the block. Not faster than np.add.at per step (bench/scatter_add_bench.py, one run
+    # each: add.at took 0.99x its time at d = 4096, 0.70x at d = 1024); kept because it is not slower at 4096
     counts = np.bincount(np.concatenate(dense_index), minlength=len(window.keys) * 256) if dense_index else \
         np.zeros(0, np.int64)
     sparse_keys = np.concatenate(gathered_keys) if gathered_keys else np.zeros(0, np.int32)

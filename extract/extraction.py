@@ -6,8 +6,6 @@ with another model, other settings or other data.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import platform
 import shutil
@@ -18,7 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from storage_schemas import ArchiveError, ArchiveWriter, SampleRecord
+from storage_schemas import ArchiveError, ArchiveWriter, SampleRecord, TextTokenRule, ranges
+from storage_schemas.provenance import json_digest, library_versions
 
 from . import data as data_mod
 from .errors import DataError, ExtractError, ResumeError
@@ -26,12 +25,10 @@ from .prompts import RESPONSE_RULE, TRUNCATION_RULE, PromptLayout
 
 log = logging.getLogger(__name__)
 
-TEXT_TOKEN_RULES = ("after_image", "response", "all")
-
 
 @dataclass
 class ExtractOptions:
-    """Everything `mir extract` can be told; see docs/extract.md for the meaning of each."""
+    """Everything `mir extract` can be told; the README (`mir extract`) gives the meaning of each."""
 
     model: str
     out: str
@@ -77,37 +74,12 @@ class ExtractResult:
 
 # ----------------------------------------------------------------------------- options
 def parse_layers(spec: str | None, num_hidden_layers: int) -> list[int]:
-    """"all" / None -> 0..L; else a comma list of indices and ranges a-b; negatives count from L+1.
-
-    Index 0 is the embedding output, 1..L the decoder layers (the last taken after the final norm).
-    """
+    """Hidden-states indices 0..L named by `spec` (default all), in the shared grammar of storage_schemas.ranges."""
     n = num_hidden_layers + 1
-    if spec is None or spec.strip().lower() == "all":
-        return list(range(n))
-    out: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part[1:]:
-                a, b = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
-                lo, hi = int(a), int(b)
-                lo, hi = lo % n if lo < 0 else lo, hi % n if hi < 0 else hi
-                values = range(lo, hi + 1)
-            else:
-                v = int(part)
-                values = [v % n if v < 0 else v]
-        except ValueError:
-            raise ExtractError(f"--layers {spec!r}: use 'all' or indices and ranges like '0,8,16-32'") from None
-        for v in values:
-            if not 0 <= v < n:
-                raise ExtractError(f"--layers {spec!r}: layer {v} does not exist; this model has hidden states "
-                                   f"0..{n - 1} (0 = embeddings)")
-            out.add(v)
-    if not out:
-        raise ExtractError(f"--layers {spec!r} selects no layer")
-    return sorted(out)
+    try:
+        return ranges.parse_layers(spec, n, default=range(n))
+    except ArchiveError as exc:
+        raise ExtractError(f"{exc} (this model's hidden states are 0..{n - 1}; 0 = embeddings)") from None
 
 
 def parse_shard(spec: str | None) -> tuple[int, int] | None:
@@ -161,16 +133,8 @@ def sample_list(opts: ExtractOptions) -> data_mod.SampleList:
 
 
 # ----------------------------------------------------------------------------- provenance
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for name in ("mir-pipeline", "torch", "transformers", "tokenizers", "pillow", "numpy", "zarr"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+def _versions() -> dict[str, str | None]:
+    return library_versions(("torch", "transformers", "tokenizers", "pillow", "numpy", "zarr"))
 
 
 def _device_name(device: str) -> str:
@@ -182,7 +146,7 @@ def _device_name(device: str) -> str:
 
 
 def _hash(obj: Any) -> str:
-    return "sha256:" + hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return "sha256:" + json_digest(obj)
 
 
 def settings(opts: ExtractOptions, layers: list[int], layout: PromptLayout, model_dtype: str) -> dict[str, Any]:
@@ -249,8 +213,10 @@ def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = Non
     from . import batching, loading, runner
 
     say = on_info or (lambda msg: log.info(msg))
-    if opts.text_tokens not in TEXT_TOKEN_RULES:
-        raise ExtractError(f"--text-tokens {opts.text_tokens!r}: choose one of {', '.join(TEXT_TOKEN_RULES)}")
+    try:
+        opts.text_tokens = TextTokenRule.parse(opts.text_tokens).value  # one spelling in the hashed settings
+    except ArchiveError as exc:
+        raise ExtractError(f"--text-tokens: {exc}") from None
     if opts.batch_size < 1:
         raise ExtractError("--batch-size must be at least 1")
     if opts.max_text_tokens is not None and opts.max_text_tokens < 1:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storage_schemas import ArchiveError, ArchiveWriter, merge_archives, open_archive
+from storage_schemas.summary import is_complete, planned_samples
 
 
 @dataclass
@@ -49,10 +50,9 @@ def order_parts(parts: Sequence[str | Path], *, allow_partial: bool = False) -> 
     if missing and not allow_partial:
         raise ArchiveError(f"shards {missing} are missing; give every part (or --allow-partial)")
     for a in archives:
-        planned = (a.attrs.get("dataset") or {}).get("shard_samples")
-        if planned is not None and a.n_samples < planned and not allow_partial:
-            raise ArchiveError(f"{a.paths[0]} holds {a.n_samples} of its {planned} samples; finish it with "
-                               "`mir extract ... --resume` first (or --allow-partial)")
+        if not is_complete(a.attrs) and not allow_partial:
+            raise ArchiveError(f"{a.paths[0]} holds {a.n_samples} of its {planned_samples(a.attrs)} samples; finish "
+                               "it with `mir extract ... --resume` first (or --allow-partial)")
     return [str(parts[i]) for i in sorted(range(len(parts)), key=lambda i: indices[i])]
 
 

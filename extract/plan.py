@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from storage_schemas.summary import format_bytes
+
 from . import data as data_mod
 from .extraction import ExtractOptions, parse_layers, sample_list
 from .prompts import PromptLayout
@@ -31,11 +33,6 @@ class Plan:
             self.hidden_size * self.bytes_per_value
 
     def describe(self) -> str:
-        size, unit = self.raw_bytes, "B"
-        for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-            if size < 1024 or unit == "TiB":
-                break
-            size /= 1024
         return "\n".join([
             f"would write   {self.out}",
             f"samples       {self.samples}" + (f" (of {self.samples_total}, this shard)"
@@ -44,7 +41,7 @@ class Plan:
             f"tokens        {self.mean_vision_tokens:.1f} vision + {self.mean_text_tokens:.1f} text per sample "
             f"(mean of the first {self.measured_on} samples)",
             f"model dtype   {self.dtype} (stored as {'float16' if self.dtype == 'float16' else 'float32'})",
-            f"archive size  about {size:.1f} {unit} uncompressed (hidden states compress little)",
+            f"archive size  about {format_bytes(self.raw_bytes)} uncompressed (hidden states compress little)",
         ])
 
 

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from analyze import AnalysisError, AnalysisOptions, Runner, analyze_selection, parse_layers
-from storage_schemas import open_archive
-
-CI_LEVEL = 0.95
+from analyze import AnalysisError, AnalysisOptions, Runner, analyze_selection, parse_layers, resolve_samples
+from analyze.bootstrap import CI_LEVEL
+from storage_schemas import TextTokenRule, open_archive
 
 
 @dataclass
@@ -47,8 +46,11 @@ def shared_sample_ids(archives) -> tuple[list[str], bool]:
 
 
 def compare_archives(locations: list[str], *, labels: list[str] | None = None, layers: str | None = None,
-                     text_tokens: str = "after-image", options: AnalysisOptions | None = None,
-                     runner: Runner | None = None, storage_options: dict | None = None) -> Comparison:
+                     samples: str | None = None, where: str | None = None, text_tokens: str | None = None,
+                     options: AnalysisOptions | None = None, runner: Runner | None = None,
+                     storage_options: dict | None = None) -> Comparison:
+    """`samples` and `where` choose among the first archive's samples (as in `mir analyze`); only those every
+    archive holds are compared. `text_tokens` None: the rule the archives record (they must agree)."""
     if len(locations) < 2:
         raise AnalysisError("compare needs at least two archives")
     labels = labels or [str(loc).rstrip("/").split("/")[-1] for loc in locations]
@@ -59,17 +61,43 @@ def compare_archives(locations: list[str], *, labels: list[str] | None = None, l
     ids, paired = shared_sample_ids(archives)
     if not ids:
         raise AnalysisError("the archives share no sample id; compare needs the same samples in each")
-    common_layers = sorted(set.intersection(*[set(a.layers.tolist()) for a in archives]))
-    chosen = parse_layers(layers, np.asarray(common_layers))
+    if samples is not None or where is not None:
+        first = archives[0]
+        shared = np.isin(first.samples.sample_id.values, ids)
+        chosen_ids = set(first.samples.sample_id.values[resolve_samples(first, samples, where, within=shared)].tolist())
+        ids = [i for i in ids if i in chosen_ids]
+    rule = _shared_rule(archives, locations, text_tokens)
+    chosen = _shared_layers(archives, layers)
     runner = runner or Runner()
     results = []
     for archive in archives:
-        selection = archive.select(samples=ids, layers=chosen, text_tokens=text_tokens)
+        selection = archive.select(samples=ids, layers=chosen, text_tokens=rule)
         results.append(analyze_selection(selection, options, runner=runner))
     comparison = Comparison(labels, len(ids), chosen, paired, results)
     comparison.differences = [_difference(labels[0], results[0], labels[i], results[i], paired, options.seed)
                               for i in range(1, len(results))]
     return comparison
+
+
+def _shared_rule(archives, locations: list[str], text_tokens: str | None) -> TextTokenRule:
+    if text_tokens is not None:
+        return TextTokenRule.parse(text_tokens)
+    rules = {a.text_token_rule for a in archives}
+    if len(rules) > 1:
+        recorded = ", ".join(f"{loc}: {a.text_token_rule.value}" for loc, a in zip(locations, archives))
+        raise AnalysisError(f"the archives record different text-token rules ({recorded}); choose one with "
+                            "--text-tokens")
+    return rules.pop()
+
+
+def _shared_layers(archives, layers: str | None) -> list[int]:
+    """The layers `layers` names in every archive (the same ones, or an error)."""
+    common = np.asarray(sorted(set.intersection(*[set(a.layers.tolist()) for a in archives])))
+    chosen = [parse_layers(layers, common, a.hidden_states_entries) for a in archives]
+    if any(c != chosen[0] for c in chosen[1:]):
+        raise AnalysisError(f"--layers {layers!r} names different layers in these archives (their models have "
+                            "different depths); name the layers by their positive indices")
+    return chosen[0]
 
 
 def _difference(label_a: str, a, label_b: str, b, paired: bool, seed: int) -> dict:

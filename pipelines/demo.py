@@ -1,13 +1,12 @@
 """`mir demo`: the whole pipeline on an embedded default, offline, on a CPU, in well under two minutes.
 
-A tiny LLaVA-style model is built from a config once (seeded, cached under $MIR_CACHE_DIR or
-~/.cache/mir-pipeline) and loaded back through the same path a downloaded checkpoint takes; the
-images and texts ship with the package (pipelines/demo_data, see its CREDITS.md).
+A tiny LLaVA-style model is built from a config once (seeded, cached in the one per-user cache
+folder, analyze.cache.user_cache_dir()) and loaded back through the same path a downloaded
+checkpoint takes; the images and texts ship with the package (pipelines/demo_data, see its CREDITS.md).
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -37,15 +36,12 @@ class DemoResult:
     result: object
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("MIR_CACHE_DIR", Path.home() / ".cache" / "mir-pipeline")).expanduser()
-
-
 def demo_model(echo: Callable[[str], None]) -> Path:
     """The cached tiny model directory; built atomically on first use."""
+    from analyze.cache import user_cache_dir
     from extract.tiny_models import TinySize, build_tiny_model
 
-    target = cache_root() / f"demo-llava-v{DEMO_MODEL_VERSION}"
+    target = user_cache_dir() / f"demo-llava-v{DEMO_MODEL_VERSION}"
     if (target / "config.json").exists():
         echo(f"model: cached tiny LLaVA at {target}")
         return target

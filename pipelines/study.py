@@ -24,6 +24,7 @@ from typing import Callable
 
 from storage_schemas import ArchiveError, open_archive
 from storage_schemas.store import read_root_attrs
+from storage_schemas.summary import is_complete
 
 from .config_args import parse_with, table_to_argv
 from .study_config import Checkpoint, StudyConfig
@@ -52,8 +53,7 @@ def archive_state(path: Path) -> str:
         attrs = read_root_attrs(path)
     except ArchiveError:
         return "partial"  # let `mir extract --resume` say precisely what is wrong
-    planned = attrs.get("dataset", {}).get("shard_samples", attrs.get("dataset", {}).get("samples"))
-    return "complete" if planned is not None and attrs["commit"]["samples"] >= planned else "partial"
+    return "complete" if is_complete(attrs) else "partial"
 
 
 def _extract_argv(config: StudyConfig) -> list[str]:

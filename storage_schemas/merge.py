@@ -1,4 +1,8 @@
-"""Combine part archives (e.g. the outputs of `mir extract --shard K/N`) into one, losslessly."""
+"""Combine part archives (e.g. the outputs of `mir extract --shard K/N`) into one, losslessly.
+
+Only the archive content is copied: the parts' sidecars (storage_schemas.sidecars, e.g. the analysis
+cache) are derived from the parts' fingerprints, which the merged archive does not share, so it starts
+without any."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -8,6 +12,7 @@ import numpy as np
 
 from .reader import Archive, open_archive
 from .records import SampleRecord
+from .schema import MODALITIES
 from .writer import ArchiveWriter
 
 BATCH_BYTES = 128 * 2**20
@@ -17,7 +22,7 @@ def _records(archive: Archive, rows: range) -> list[SampleRecord]:
     """Read a run of consecutive samples with one contiguous read per modality."""
     s = archive.samples
     out_tokens = {}
-    for m in ("vision", "text"):
+    for m in MODALITIES:
         start = int(s[f"{m}_offset"][rows.start])
         stop = int(s[f"{m}_offset"][rows.stop - 1] + s[f"{m}_count"][rows.stop - 1])
         ds = getattr(archive, m).isel(token=slice(start, stop))

@@ -8,8 +8,6 @@ against the commit record), so a schema-breaking edit is refused instead of beco
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +17,11 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from .schema import (HIDDEN, HIDDEN_DIMS, MODALITIES, SAMPLE_VARIABLES, SAMPLES_GROUP, TEXT_SELECTIONS,
-                     TOKEN_VARIABLES, ArchiveError, commit_key_for, dimension_names, offsets_mismatch,
+from .schema import (DEFAULT_TEXT_TOKEN_RULE, HIDDEN, HIDDEN_DIMS, MODALITIES, SAMPLE_VARIABLES, SAMPLES_GROUP,
+                     TOKEN_VARIABLES, ArchiveError, TextTokenRule, commit_key_for, dimension_names, offsets_mismatch,
                      sample_index_matches)
+from .provenance import json_digest
+from .remote import StoreAccessError
 from .store import check_codecs, is_writable_local, missing_chunk_files, open_store, read_root_attrs
 
 SampleSpec = None | slice | Sequence[int] | np.ndarray | Sequence[str] | Callable[[xr.Dataset], np.ndarray]
@@ -44,6 +44,8 @@ class StoredArraySource:
     def __getitem__(self, key):
         try:
             return self._open()[key]
+        except StoreAccessError as exc:
+            raise StoreAccessError(f"{exc} (reading array '{self.path}', region {_describe(key, self.shape)})") from exc
         except Exception as exc:
             hint = (" If it is served over HTTP, the server must honour Range requests (nginx, Apache, S3 and "
                     "GCS do; `python -m http.server` does not)." if self.location.startswith("http") else "")
@@ -92,7 +94,7 @@ class _Part:
     def _array(self, path: str) -> zarr.Array:
         try:
             arr = self.group[path]
-        except KeyError:
+        except (KeyError, StoreAccessError):
             raise
         except Exception as exc:
             raise ArchiveError(f"{self.location}: the metadata of array '{path}' is unreadable "
@@ -175,7 +177,7 @@ class _Part:
 
 
 def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(obj, 16)
 
 
 _COMPAT_MODEL_KEYS = ("weights_hash", "config_hash", "architecture", "hidden_size", "num_hidden_layers")
@@ -300,13 +302,32 @@ class Archive:
                                f"{self.layers.tolist()}")
         return wanted
 
+    @property
+    def hidden_states_entries(self) -> int:
+        """Size of the layer index space (the model's hidden_states: embeddings plus decoder layers), so
+        that a negative `--layers` index means the same layer here as in `mir extract`."""
+        recorded = self.attrs.get("model", {}).get("num_hidden_layers")
+        top = int(self.layers.max()) + 1 if self.layers.size else 0
+        return max(int(recorded) + 1, top) if isinstance(recorded, int) else top
+
+    @property
+    def text_token_rule(self) -> TextTokenRule:
+        """The default text-token rule recorded at extraction (`extraction.text_token_rule`), else the
+        reference rule."""
+        recorded = self.attrs.get("extraction", {}).get("text_token_rule")
+        if recorded is None:
+            return DEFAULT_TEXT_TOKEN_RULE
+        try:
+            return TextTokenRule.parse(recorded)
+        except ArchiveError:
+            raise ArchiveError(f"{self.paths[0]}: root attribute extraction.text_token_rule is {recorded!r}, not a "
+                               f"rule this version knows ({', '.join(r.value for r in TextTokenRule)}); choose one "
+                               "explicitly (--text-tokens)") from None
+
     def select(self, samples: SampleSpec = None, layers: Sequence[int] | None = None,
-               text_tokens: str = "after_image") -> "Selection":
-        """A lazy view of the chosen samples, layers and text-token rule."""
-        rule = text_tokens.replace("-", "_")
-        if rule not in TEXT_SELECTIONS:
-            raise ArchiveError(f"unknown text-token selection {text_tokens!r}; choose one of "
-                               f"{sorted(TEXT_SELECTIONS)}")
+               text_tokens: str | TextTokenRule | None = None) -> "Selection":
+        """A lazy view of the chosen samples, layers and text-token rule (None: the archive's own rule)."""
+        rule = self.text_token_rule if text_tokens is None else TextTokenRule.parse(text_tokens)
         rows = self.resolve_samples(samples)
         layer_values = self.resolve_layers(layers)
         all_rows = rows.size == self.n_samples
@@ -315,10 +336,10 @@ class Archive:
             ds = self._datasets[m]
             keep = np.ones(ds.sizes["token"], dtype=bool) if all_rows else np.isin(ds["sample"].values, rows)
             if m == "text":
-                keep &= np.isin(ds["role"].values, TEXT_SELECTIONS[rule])
+                keep &= np.isin(ds["role"].values, rule.roles)
             token = slice(None) if keep.all() else np.flatnonzero(keep)
             views[m] = ds["hidden"].sel(layer=layer_values).isel(token=token)
-        return Selection(self, layer_values, rows, rule, views["vision"], views["text"])
+        return Selection(self, layer_values, rows, rule.value, views["vision"], views["text"])
 
 
 @dataclass

@@ -4,7 +4,7 @@ Everything a reader or writer needs to agree on lives here, so the format can be
 """
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import Enum, IntEnum
 
 import numpy as np
 
@@ -33,12 +33,35 @@ class TextRole(IntEnum):
 
 ROLE_MEANINGS = " ".join(r.name.lower() for r in TextRole)
 
-# Token selections analysis can ask for; "after_image" is the reference rule (MIR_SPEC).
-TEXT_SELECTIONS: dict[str, tuple[int, ...]] = {
-    "after_image": (TextRole.AFTER_IMAGE_TEMPLATE, TextRole.RESPONSE),
-    "response": (TextRole.RESPONSE,),
-    "all": tuple(TextRole),
-}
+
+class TextTokenRule(str, Enum):
+    """Which stored non-image tokens count as text tokens; AFTER_IMAGE is the reference rule (MIR_SPEC).
+
+    Written `after_image` (archives, JSON, cache keys); `after-image` is accepted on input too.
+    """
+
+    AFTER_IMAGE = "after_image"
+    RESPONSE = "response"
+    ALL = "all"
+
+    @property
+    def roles(self) -> tuple[int, ...]:
+        return {TextTokenRule.AFTER_IMAGE: (TextRole.AFTER_IMAGE_TEMPLATE, TextRole.RESPONSE),
+                TextTokenRule.RESPONSE: (TextRole.RESPONSE,), TextTokenRule.ALL: tuple(TextRole)}[self]
+
+    @classmethod
+    def parse(cls, text: "str | TextTokenRule") -> "TextTokenRule":
+        """The rule named by `text` in either spelling; ArchiveError naming the choices otherwise."""
+        if isinstance(text, cls):
+            return text
+        try:
+            return cls(str(text).strip().lower().replace("-", "_"))
+        except ValueError:
+            raise ArchiveError(f"unknown text-token rule {text!r}; choose one of "
+                               f"{', '.join(r.value for r in cls)}") from None
+
+
+DEFAULT_TEXT_TOKEN_RULE = TextTokenRule.AFTER_IMAGE
 
 # Per-token 1-D variables of each modality group: name -> dtype.
 TOKEN_VARIABLES: dict[str, dict[str, str]] = {

@@ -8,26 +8,34 @@ from pathlib import Path
 
 import zarr
 
+from .remote import RetryingStore
 from .schema import SCHEMA_MAJOR, SCHEMA_NAME, ArchiveError
 
 REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "gcs://", "az://", "abfs://", "memory://")
 
 
-def is_remote(location: str) -> bool:
+def is_remote(location: str | Path) -> bool:
     return str(location).startswith(REMOTE_PREFIXES)
 
 
+def local_path(location: str | Path) -> Path:
+    """The directory a local location names (`file://` and `~` accepted)."""
+    return Path(str(location).removeprefix("file://")).expanduser()
+
+
 def open_store(location: str | Path, storage_options: dict | None = None, *, read_only: bool = True):
-    """A zarr store for a local directory (`file://` accepted) or an fsspec URL. Never executes code."""
+    """A zarr store for a local directory (`file://` accepted) or an fsspec URL (reads retried, see remote.py).
+    Never executes code."""
     location = str(location)
     if is_remote(location):
         try:
-            return zarr.storage.FsspecStore.from_url(location, storage_options=storage_options or {},
-                                                     read_only=True)
+            store = zarr.storage.FsspecStore.from_url(location, storage_options=storage_options or {},
+                                                      read_only=True)
+            return RetryingStore(store, location)
         except ImportError as exc:
             raise ArchiveError(f"reading {location} needs an fsspec backend: {exc}. "
                                "Install the remote extra: pip install 'mir-pipeline[remote]'") from exc
-    path = Path(location.removeprefix("file://")).expanduser()
+    path = local_path(location)
     if not path.is_dir():
         raise ArchiveError(f"{path}: no archive there (expected a directory written by `mir extract` or "
                            "`mir synth`)")
@@ -71,8 +79,7 @@ def check_schema(attrs: dict, location) -> None:
 def is_writable_local(location: str | Path) -> bool:
     if is_remote(str(location)):
         return False
-    path = Path(str(location).removeprefix("file://")).expanduser()
-    return os.access(path, os.W_OK)
+    return os.access(local_path(location), os.W_OK)
 
 
 # Codecs an archive may name. Anything else (e.g. numcodecs' pickle codec, which would run
@@ -109,7 +116,7 @@ def missing_chunk_files(location: str | Path, path: str, array: zarr.Array, leng
     location = str(location)
     if is_remote(location) or length <= 0 or 0 in array.shape or axis >= array.ndim:
         return []
-    root = Path(location.removeprefix("file://")).expanduser() / path
+    root = local_path(location) / path
     grid = array.shards or array.chunks
     ranges = [range(-(-size // step)) for size, step in zip(array.shape, grid)]
     ranges[axis] = range(-(-min(length, array.shape[axis]) // grid[axis]))

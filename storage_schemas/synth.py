@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .records import SampleRecord
-from .schema import STORED_DTYPE, TextRole
+from .schema import MODALITIES, STORED_DTYPE, TextRole
 from .writer import ArchiveWriter
 
 OUTLIER_SHARE = 0.005
@@ -55,7 +55,7 @@ def synthetic_records(*, layers: int, hidden: int, samples: int, vision_tokens: 
                       seed: int, dtype: str = "float16", start: int = 0):
     """Yield SampleRecords for samples start..samples-1; deterministic in `seed` for each sample."""
     model_rng = np.random.default_rng(seed)
-    models = {m: [_LayerModel(model_rng, hidden, k, m) for k in range(layers + 1)] for m in ("vision", "text")}
+    models = {m: [_LayerModel(model_rng, hidden, k, m) for k in range(layers + 1)] for m in MODALITIES}
     for i in range(start, samples):
         rng = np.random.default_rng([seed, i])
         n_text = max(BEFORE_IMAGE_TOKENS + TEMPLATE_TOKENS + 1, int(rng.poisson(max(text_tokens, 1))))
@@ -84,7 +84,7 @@ def write_synthetic_archive(path: str | Path, *, layers: int, hidden: int, sampl
     attrs = {
         "model": {"name_or_path": "synthetic", "architecture": "synthetic", "dtype": dtype,
                   "num_hidden_layers": layers, "hidden_size": hidden, "image_token_id": 32000},
-        "extraction": {"prompt_layout": "synthetic", "text_token_rule": "roles", "tool": "mir synth",
+        "extraction": {"prompt_layout": "synthetic", "text_token_rule": "after_image", "tool": "mir synth",
                        "settings": {"vision_tokens": vision_tokens, "text_tokens": text_tokens, "seed": seed}},
         "dataset": {"sources": ["synthetic"], "samples": samples},
     }

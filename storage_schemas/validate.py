@@ -14,6 +14,8 @@ import zarr
 from .schema import (HIDDEN, HIDDEN_DIMS, MODALITIES, SAMPLE_VARIABLES, SAMPLES_GROUP, TOKEN_VARIABLES,
                      ArchiveError, TextRole, commit_key_for, offsets_mismatch,
                      sample_index_matches)
+from .remote import StoreAccessError
+from .sidecars import root_findings
 from .store import check_codecs, missing_chunk_files, open_store, read_root_attrs
 
 
@@ -24,6 +26,7 @@ class ValidationReport:
     warnings: list[str] = field(default_factory=list)
     checked_chunks: int = 0
     attrs: dict = field(default_factory=dict)
+    sidecars: list[str] = field(default_factory=list)  # declared sidecars present (derived data, not checked)
 
     @property
     def ok(self) -> bool:
@@ -32,7 +35,9 @@ class ValidationReport:
 
 def validate_archive(location: str | Path, storage_options: dict | None = None, *,
                      check_chunks: bool = True) -> ValidationReport:
-    """Check everything a reader relies on. Never raises for a damaged archive: it reports."""
+    """Check everything a reader relies on. Never raises for a damaged archive: it reports.
+
+    Sidecars (storage_schemas.sidecars) are named in `sidecars`, not checked: they are derived data."""
     report = ValidationReport(str(location))
     try:
         store = open_store(location, storage_options)
@@ -41,19 +46,28 @@ def validate_archive(location: str | Path, storage_options: dict | None = None, 
     except ArchiveError as exc:
         report.problems.append(str(exc))
         return report
+    report.sidecars, foreign = root_findings(location)
+    report.warnings += foreign
+    try:
+        _check_content(group, attrs, report, check_chunks)
+    except StoreAccessError as exc:  # not a finding about the archive: say so, and stop
+        report.problems.append(f"validation could not finish: {exc}")
+    return report
+
+
+def _check_content(group: zarr.Group, attrs: dict, report: ValidationReport, check_chunks: bool) -> None:
     commit = attrs["commit"]
     arrays = _open_arrays(group, report)
     if report.problems:
-        return report
+        return
     _check_files(report.location, arrays, commit, report)
     _check_shapes(arrays, attrs, commit, report)
     if report.problems:
-        return report
+        return
     _check_tables(arrays, commit, report)
     if check_chunks:
         for path, arr in arrays.items():
             _check_chunks(path, arr, commit, report)
-    return report
 
 
 def _expected_arrays() -> dict[str, tuple[tuple[str, ...], str]]:
@@ -76,6 +90,8 @@ def _open_arrays(group: zarr.Group, report: ValidationReport) -> dict[str, zarr.
         except KeyError:
             report.problems.append(f"array '{path}' is missing")
             continue
+        except StoreAccessError:
+            raise
         except Exception as exc:  # unreadable metadata
             report.problems.append(f"array '{path}': metadata unreadable ({type(exc).__name__}: {exc})")
             continue
@@ -115,6 +131,8 @@ def _check_shapes(arrays: dict, attrs: dict, commit: dict, report: ValidationRep
     for path in ("vision/layer", "text/layer"):
         try:
             layer_lists.append(arrays[path][:])
+        except StoreAccessError:
+            raise
         except Exception as exc:  # a damaged chunk: report it instead of crashing
             report.problems.append(f"'{path}' chunk (entries 0:{arrays[path].shape[0]}) is damaged: "
                                    f"{type(exc).__name__}: {exc}")
@@ -150,6 +168,8 @@ def _check_tables(arrays: dict, commit: dict, report: ValidationReport) -> None:
     def read(path: str, key: str):
         try:
             return arrays[path][: commit[key]]
+        except StoreAccessError:
+            raise
         except Exception as exc:
             report.problems.append(f"array '{path}' cannot be read ({type(exc).__name__}: {exc})")
             return None
@@ -209,6 +229,8 @@ def _check_chunks(path: str, arr: zarr.Array, commit: dict, report: ValidationRe
             report.checked_chunks += max(1, -(-(region[axis].stop - region[axis].start) // inner))
             if block.dtype.kind == "f":
                 nonfinite += int((~np.isfinite(block)).sum())
+        except StoreAccessError:
+            raise
         except Exception as exc:
             _locate_bad_chunks(path, arr, region, axis, inner, label, exc, report)
     if nonfinite:
@@ -223,6 +245,8 @@ def _locate_bad_chunks(path, arr, region, axis, inner, label, exc, report) -> No
         sub[axis] = slice(start, min(span.stop, start + inner))
         try:
             arr[tuple(sub)]
+        except StoreAccessError:
+            raise
         except Exception:
             bad.append(f"{start}:{min(span.stop, start + inner)}")
     detail = f"; failing chunks at tokens {', '.join(bad)}" if bad and len(bad) < 8 else ""

@@ -25,7 +25,7 @@ from .records import SampleRecord
 from .schema import (COMMIT_KEYS, HIDDEN, HIDDEN_DIMS, MODALITIES, ROLE_MEANINGS, SAMPLE_VARIABLES,
                      SAMPLES_GROUP, SCHEMA_VERSION, STORED_DTYPE, TOKEN_VARIABLES, ArchiveError, TextRole,
                      commit_key_for)
-from .store import is_remote, read_root_attrs
+from .store import is_remote, local_path, read_root_attrs
 
 DEFAULT_COMMIT_BYTES = 256 * 2**20
 DEFAULT_COMMIT_SAMPLES = 4096
@@ -197,7 +197,7 @@ def _local_path(path: str | Path) -> Path:
     if is_remote(str(path)):
         raise ArchiveError(f"{path}: archives are written to a local directory; copy or sync it to remote "
                            "storage afterwards (reading from URLs is supported)")
-    return Path(str(path).removeprefix("file://")).expanduser().absolute()
+    return local_path(path).absolute()
 
 
 def _now() -> str:

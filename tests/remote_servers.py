@@ -1,5 +1,6 @@
 """Real servers on 127.0.0.1 for the sharing tests: a static HTTP server that honours Range
-requests (as nginx, Apache, S3 and GCS do; Python's http.server does not) and moto's S3 server."""
+requests (as nginx, Apache, S3 and GCS do; Python's http.server does not), one that fails chosen
+requests (503 answers or dropped connections) and then recovers, and moto's S3 server."""
 from __future__ import annotations
 
 import contextlib
@@ -57,9 +58,8 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def http_server(directory: Path):
-    """Serve `directory` read-only at http://127.0.0.1:PORT in a thread."""
-    handler = functools.partial(RangeRequestHandler, directory=str(directory))
+def _serve(handler_class, directory: Path):
+    handler = functools.partial(handler_class, directory=str(directory))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -68,6 +68,73 @@ def http_server(directory: Path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def http_server(directory: Path):
+    """Serve `directory` read-only at http://127.0.0.1:PORT in a thread."""
+    with _serve(RangeRequestHandler, directory) as base:
+        yield base
+
+
+class FaultPlan:
+    """How many of the next requests a flaky server fails, and how: 'status' answers 503, 'drop' closes
+    the connection without an answer."""
+
+    def __init__(self):
+        self.left, self.mode, self.failed = 0, "status", 0
+        self._lock = threading.Lock()
+
+    def fail_next(self, count: int, mode: str = "status") -> None:
+        with self._lock:
+            self.left, self.mode = count, mode
+
+    def take(self) -> str | None:
+        with self._lock:
+            if self.left <= 0:
+                return None
+            self.left -= 1
+            self.failed += 1
+            return self.mode
+
+
+class FlakyRangeRequestHandler(RangeRequestHandler):
+    """RangeRequestHandler that fails the requests its FaultPlan asks for, then serves normally."""
+
+    plan: FaultPlan
+
+    def do_GET(self):
+        mode = self.plan.take()
+        if mode == "drop":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if mode == "status":
+            return self._unavailable()
+        super().do_GET()
+
+    def do_HEAD(self):
+        if self.plan.take() is not None:
+            return self._unavailable()
+        super().do_HEAD()
+
+    def _unavailable(self):
+        self.send_response(503, "Service Unavailable")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+@contextlib.contextmanager
+def flaky_http_server(directory: Path):
+    """Like http_server, but yields (url, FaultPlan): requests fail as the plan says, then recover."""
+    plan = FaultPlan()
+    with _serve(type("Handler", (FlakyRangeRequestHandler,), {"plan": plan}), directory) as base:
+        yield base, plan
+
+
+def down_url() -> str:
+    """The URL of a server that is down: a port nothing listens on."""
+    return f"http://127.0.0.1:{free_port()}"
 
 
 @contextlib.contextmanager

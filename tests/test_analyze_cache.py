@@ -8,7 +8,7 @@ import pytest
 
 import analyze.api as api
 from analyze import AnalysisOptions, analyze_selection
-from analyze.cache import GROUP
+from storage_schemas.sidecars import ANALYSIS_CACHE as GROUP
 from storage_schemas import ArchiveWriter, open_archive
 from storage_schemas.synth import synthetic_records, write_synthetic_archive
 
@@ -96,3 +96,22 @@ def test_read_only_archive_uses_local_cache_dir(archive, tmp_path, monkeypatch):
 def test_no_cache_writes_nothing(archive):
     _run(archive, cache=False)
     assert not (archive / GROUP).exists()
+
+
+def test_one_cache_folder_rule_for_analysis_and_demo(tmp_path, monkeypatch):
+    """MIR_CACHE_DIR with ~ expanded, an empty value meaning unset; the demo's model lives there too."""
+    from analyze.cache import StatsCache, user_cache_dir
+    from pipelines.demo import DEMO_MODEL_VERSION, demo_model
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MIR_CACHE_DIR", "~/mc")
+    assert user_cache_dir() == tmp_path / "home" / "mc"
+    monkeypatch.setenv("MIR_CACHE_DIR", "")
+    assert user_cache_dir() == tmp_path / "home" / ".cache" / "mir-pipeline"
+    model = user_cache_dir() / f"demo-llava-v{DEMO_MODEL_VERSION}"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    assert demo_model(lambda _: None) == model
+    archive = open_archive(write_synthetic_archive(tmp_path / "ro.zarr", samples=4, **KW))
+    archive.read_only = True  # as for a URL or a folder without write permission
+    assert StatsCache.for_archive(archive).directory.parent == user_cache_dir()

@@ -50,7 +50,10 @@ def test_stats_and_mode_names(archive):
     assert out.exit_code == 0, out.output
     assert "eff. rank" in out.output and "centroid cosine" in out.output
     fast = _mir(["analyze", archive, "--no-cache", "--layers", "1", "--sqrt", "reference-fast", "--json", "-"])
-    assert json.loads(fast.stdout)["mode"] == "reference-fast"
+    doc = json.loads(fast.stdout)
+    assert doc["mode"] == "reference-fast"
+    warning = next(w for w in doc["warnings"] if w.startswith("reference-fast"))
+    assert "amplified rounding noise" in warning and '"below 1%"' in warning and "section 2.1" in warning
 
 
 def test_selections(archive, tmp_path):
@@ -90,7 +93,8 @@ def test_parts_read_as_one_equal_one_archive(tmp_path):
 
 def test_errors_are_messages_not_tracebacks(archive, tmp_path):
     cases = [
-        (["--layers", "9"], "not stored"),
+        (["--layers", "9"], "outside 0..3"),
+        (["--layers", "-1,9"], "stored layers: 0-3"),
         (["--samples", "0:3,99"], "outside"),
         (["--where", "__import__('os').system('true')"], "only comparisons"),
         (["--where", "row % 2 == 0"], "only comparisons"),

@@ -5,16 +5,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from analyze import AnalysisError, parse_layers, where_mask
-from analyze.select import parse_ranges
-
-
-def test_ranges():
-    assert parse_ranges("0:3,7, 9-11", 20, "x") == [0, 1, 2, 7, 9, 10, 11]
-    assert parse_ranges("15:", 18, "x") == [15, 16, 17]
-    assert parse_ranges("0:10:4", 20, "x") == [0, 4, 8]
-    with pytest.raises(AnalysisError, match="cannot read"):
-        parse_ranges("1..4", 10, "x")
+from analyze import AnalysisError, parse_layers, resolve_samples, where_mask
+from storage_schemas import open_archive
+from storage_schemas.synth import write_synthetic_archive
 
 
 def test_layers_default_skips_embeddings():
@@ -24,7 +17,31 @@ def test_layers_default_skips_embeddings():
     assert parse_layers("2:4", stored) == [2, 3]
     assert parse_layers(None, np.array([0])) == [0]
     with pytest.raises(AnalysisError, match="not stored"):
+        parse_layers("1-5", stored, entries=6)
+    with pytest.raises(AnalysisError, match="outside"):
         parse_layers("1-5", stored)
+
+
+def test_negative_layers_count_from_the_model_end():
+    """-1 is the model's last hidden state, as in `mir extract`, even when only some layers are stored."""
+    stored = np.array([0, 8, 16, 32])
+    assert parse_layers("-1", stored, entries=33) == [32]
+    assert parse_layers("-17,-1", stored, entries=33) == [16, 32]
+    with pytest.raises(AnalysisError, match="layers 31 are not stored"):
+        parse_layers("-2", stored, entries=33)
+
+
+def test_samples_only_at_names_a_file(tmp_path, monkeypatch):
+    archive = open_archive(write_synthetic_archive(tmp_path / "a.zarr", layers=1, hidden=4, samples=6,
+                                                   vision_tokens=3, text_tokens=5, seed=0))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "3").write_text("synth-000000\nsynth-000001\n")
+    assert resolve_samples(archive, "3").tolist() == [3]  # a row index, although a file named 3 exists
+    assert resolve_samples(archive, "@3").tolist() == [0, 1]
+    assert resolve_samples(archive, "-2:").tolist() == [4, 5]
+    with pytest.raises(AnalysisError, match="@ids.txt"):
+        (tmp_path / "ids.txt").write_text("synth-000002\n")
+        resolve_samples(archive, "ids.txt")
 
 
 @pytest.fixture

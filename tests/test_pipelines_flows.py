@@ -77,6 +77,32 @@ def test_compare_uses_only_shared_samples(archives, tmp_path):
     assert data["archives"][0]["n_samples"] == 15
 
 
+def test_compare_takes_the_analyze_option_set(archives, tmp_path):
+    """--samples, --where, --precision, --workers, --memory-limit, --no-cache mean what they mean in analyze."""
+    a, _, b = archives
+    ids = tmp_path / "ids.txt"
+    ids.write_text("".join(f"synth-{i:06d}\n" for i in range(3, 15)))
+    common = ["--layers", "-2:", "--precision", "float64", "--workers", "1", "--memory-limit", "1GB", "--no-cache",
+              "--json", "-"]
+    for selection, expected in ((["--samples", "0:10", "--where", "row >= 4"], list(range(4, 10))),
+                                (["--samples", f"@{ids}"], list(range(3, 15))),
+                                (["--where", "text_count >= 12"], None)):
+        result = CliRunner().invoke(main, ["compare", str(a), str(b), "--bootstrap", "0", *selection, *common])
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        archive = open_archive(a)
+        rows = expected if expected is not None else \
+            [i for i in range(24) if int(archive.samples.text_count.values[i]) >= 12]
+        assert data["shared_samples"] == len(rows) and data["layers"] == [2, 3]
+        direct = analyze_selection(open_archive(b).select(samples=rows, layers=[2, 3]),
+                                   AnalysisOptions(cache=False, precision="float64"))
+        assert data["archives"][1]["mir"] == pytest.approx(direct.mir, abs=1e-9)
+        assert data["archives"][1]["settings"]["precision"] == "float64"
+        assert [r["cache"]["location"] for r in data["archives"]] == [None, None]  # --no-cache
+    bad = CliRunner().invoke(main, ["compare", str(a), str(b), "--memory-limit", "lots"])
+    assert bad.exit_code != 0 and "as a size" in bad.output
+
+
 def _mir(location, **kw):
     # Equal up to float32-Gram rounding: a cached multi-block entry may serve a one-block request.
     archive = open_archive(location, **kw)

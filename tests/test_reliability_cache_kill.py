@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from analyze.cache import GROUP
+from storage_schemas.sidecars import ANALYSIS_CACHE as GROUP
 from pipelines.cli import main
 from storage_schemas.synth import write_synthetic_archive
 

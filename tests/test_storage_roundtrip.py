@@ -125,7 +125,7 @@ def test_append_after_reopen_and_selection(tmp_path):
         archive.select(samples=["nope"])
     with pytest.raises(ArchiveError, match="not stored"):
         archive.select(layers=[7])
-    with pytest.raises(ArchiveError, match="unknown text-token selection"):
+    with pytest.raises(ArchiveError, match="unknown text-token rule"):
         archive.select(text_tokens="everything")
     np.testing.assert_array_equal(archive.sample_input_ids(4), recs[4].input_ids)
 

@@ -4,73 +4,28 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 import click
 
-from analyze import AnalysisError, AnalysisOptions, Runner, analyze_selection, parse_layers, resolve_samples
-from analyze.frechet import SQRT_MODES
-from storage_schemas import ArchiveError, open_archive
+from analyze import analyze_selection, parse_layers, resolve_samples
+from storage_schemas import MODALITIES, open_archive
 
-
-def _selection_options(fn):
-    """Options shared by both commands: what to read and how to run."""
-    options = [
-        click.argument("archives", nargs=-1, required=True),
-        click.option("--layers", default=None, help="Layers: N, A:B (half-open), A-B (inclusive), comma-separated, "
-                                                    "or 'all'. Default: every stored layer except 0 (embeddings)."),
-        click.option("--samples", default=None, help="Samples: row ranges (0:50,60), @FILE of sample ids (one per "
-                                                     "line), or random:N:SEED. Default: all."),
-        click.option("--where", default=None, help="Predicate on the samples table, e.g. "
-                                                   "\"text_count >= 20 and not contains(image, 'cat')\"."),
-        click.option("--text-tokens", default="after-image", show_default=True,
-                     type=click.Choice(["after-image", "response", "all"]),
-                     help="Which non-image tokens count as text (after-image is the reference rule)."),
-        click.option("--scheduler", default=None, metavar="ADDRESS",
-                     help="dask.distributed scheduler (e.g. tcp://127.0.0.1:8786); default: local threads."),
-        click.option("--workers", default=None, type=click.IntRange(min=1), help="Local threads (default: cores)."),
-        click.option("--memory-limit", default=None, metavar="SIZE",
-                     help="Memory budget, e.g. 2GB: layers are processed in groups that fit. Default: half of RAM."),
-        click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "float64"]),
-                     help="Gram products (accumulated in float64 either way)."),
-        click.option("--no-cache", is_flag=True, help="Neither read nor write cached statistics."),
-        click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
-                     help="Cache folder (default: inside the archive if writable, else $MIR_CACHE_DIR or "
-                          "~/.cache/mir-pipeline)."),
-        click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: on a TTY)."),
-        click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
-                     help="Write all results as JSON ('-' for stdout)."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+from .options import analysis_options, analysis_run, selection_options, trace_options
 
 
 def run_analysis(archives, layers, samples, where, text_tokens, scheduler, workers, memory_limit, precision, no_cache,
-         cache_dir, progress, **extra):
-    from dask.utils import parse_bytes
+                 cache_dir, progress, **extra):
+    """Open ARCHIVES, resolve the selection the shared options name, and analyse it."""
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
-    try:
-        limit = parse_bytes(memory_limit) if memory_limit else None
-    except ValueError as exc:
-        raise click.BadParameter(f"cannot read {memory_limit!r} as a size (e.g. 2GB, 512MiB)",
-                                 param_hint="--memory-limit") from exc
-    if progress is None:
-        progress = sys.stderr.isatty()
-    runner = Runner(scheduler, workers=workers, progress=progress)
-    try:
+    options = analysis_options(precision=precision, no_cache=no_cache, cache_dir=cache_dir, memory_limit=memory_limit,
+                               **extra)
+    with analysis_run(scheduler, workers, progress) as runner:
         archive = open_archive(list(archives))
         rows = resolve_samples(archive, samples, where)
-        chosen = parse_layers(layers, archive.layers)
+        chosen = parse_layers(layers, archive.layers, archive.hidden_states_entries)
         selection = archive.select(samples=rows, layers=chosen, text_tokens=text_tokens)
-        options = AnalysisOptions(precision=precision, cache=not no_cache, cache_dir=cache_dir, memory_limit=limit,
-                                  **extra)
         return analyze_selection(selection, options, runner=runner)
-    except (ArchiveError, AnalysisError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    finally:
-        runner.close()
 
 
 def _emit_json(result, path: str | None) -> None:
@@ -95,14 +50,8 @@ def _fmt(x: float, width: int = 11) -> str:
 
 
 @click.command("analyze")
-@_selection_options
-@click.option("--sqrt", "mode", default="exact", show_default=True, type=click.Choice(SQRT_MODES),
-              help="Trace term: exact (float64 symmetric eigensolver), or the reference code's fast / accurate modes.")
-@click.option("--bootstrap", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Bootstrap replicates for a 95% confidence interval of MIR (0: none).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap.")
-@click.option("--bootstrap-blocks", "blocks", default=20, show_default=True, type=click.IntRange(min=2),
-              help="Blocks of samples the bootstrap resamples (statistics kept per block).")
+@selection_options
+@trace_options(bootstrap_default=0)
 @click.option("--netcdf", "netcdf_path", default=None, type=click.Path(dir_okay=False),
               help="Write the per-layer xarray Dataset as netCDF.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
@@ -152,7 +101,7 @@ def format_result(result) -> str:
 
 
 @click.command("stats")
-@_selection_options
+@selection_options
 def stats_cmd(json_path, **kwargs):
     """Per-layer, per-modality distribution statistics of ARCHIVES: norms, outliers, variance, spectrum."""
     result = run_analysis(**kwargs)
@@ -167,7 +116,7 @@ def _stats_table(result) -> str:
     lines.append(f"{'layer':>5} {'modality':>8} {'tokens':>8} {'norm mean':>11} {'norm med':>11} {'norm std':>11} "
                  f"{'outliers':>8} {'tot. var':>11} {'eff. rank':>9} {'top eig':>11} {'cond':>9}")
     for s in result.layers:
-        for m in ("vision", "text"):
+        for m in MODALITIES:
             v = s[m]
             lines.append(f"{s['layer']:>5} {m:>8} {v['tokens']:>8} {_fmt(v['norm_mean'])} {_fmt(v['norm_median'])} "
                          f"{_fmt(v['norm_std'])} {v['outliers']:>8} {_fmt(v['total_variance'])} "

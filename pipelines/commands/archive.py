@@ -6,18 +6,10 @@ import json
 import click
 
 from storage_schemas import ArchiveError, TextRole, open_archive, validate_archive
-from storage_schemas.summary import summarize
+from storage_schemas.ranges import compact_ranges
+from storage_schemas.sidecars import SIDECARS
+from storage_schemas.summary import format_bytes, summarize
 from storage_schemas.synth import write_synthetic_archive
-
-
-def _human_bytes(n: float | None) -> str:
-    if n is None:
-        return "n/a (remote)"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 @click.command()
@@ -65,33 +57,32 @@ def inspect_cmd(archives, as_json):
         f"  time {ext.get('time', info['commit'] and '-')}",
         f"dataset      {', '.join(map(str, data.get('sources', []))) or '-'}  (sample list hash "
         f"{_short(data.get('sample_list_hash'))})",
-        f"layers       {len(info['layers'])} stored: {_ranges(info['layers'])}",
-        f"samples      {info['samples']}",
+        f"layers       {len(info['layers'])} stored: {compact_ranges(info['layers'], ', ')}",
+        f"samples      {info['samples']}" + _plan(info),
         f"tokens       vision {info['tokens']['vision']}, text {info['tokens']['text']} ("
         + ", ".join(f"{role_names.get(k, k)} {v}" for k, v in info["text_tokens_by_role"].items()) + ")",
         f"dtype        stored {info['stored_dtype']} (model computed {info['source_dtype']})",
-        f"size         {_human_bytes(info['raw_bytes'])} raw, {_human_bytes(info['disk_bytes'])} on disk"
+        f"size         {format_bytes(info['raw_bytes'])} raw, {format_bytes(info['disk_bytes'])} on disk"
         + (f", compression ratio {info['compression_ratio']:.2f}x" if info["compression_ratio"] else ""),
     ]
+    for location, sidecars in info["sidecars"].items():
+        for name, size in sidecars.items():
+            lines.append(f"sidecar      {name} {format_bytes(size)} ({SIDECARS.get(name, 'undeclared')})"
+                         + (f" in {location}" if len(info["sidecars"]) > 1 else ""))
     click.echo("\n".join(lines))
+
+
+def _plan(info: dict) -> str:
+    planned = info["planned_samples"]
+    if planned is None:
+        return ""
+    return f" of {planned} planned" + ("" if info["samples"] >= planned else
+                                       " (incomplete: finish it with `mir extract ... --resume`)")
 
 
 def _short(digest) -> str:
     """First 16 hex digits of a hash, without an algorithm prefix such as 'sha256:'."""
     return str(digest).split(":")[-1][:16] if digest else "-"
-
-
-def _ranges(values: list[int]) -> str:
-    out, start, prev = [], None, None
-    for v in values + [None]:
-        if start is None:
-            start = prev = v
-        elif v is not None and v == prev + 1:
-            prev = v
-        else:
-            out.append(f"{start}" if start == prev else f"{start}-{prev}")
-            start = prev = v
-    return ", ".join(out)
 
 
 @click.command()
@@ -107,5 +98,6 @@ def validate(archive, quick):
             click.echo(f"problem: {problem}", err=True)
         raise SystemExit(1)
     commit = report.attrs.get("commit", {})
+    sidecars = f"; sidecars {', '.join(report.sidecars)} (derived data, not checked)" if report.sidecars else ""
     click.echo(f"{archive}: valid {report.attrs.get('schema')} archive, {commit.get('samples')} samples, "
-               f"{report.checked_chunks} chunks verified")
+               f"{report.checked_chunks} chunks verified{sidecars}")

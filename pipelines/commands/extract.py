@@ -4,6 +4,9 @@ from __future__ import annotations
 import click
 
 from storage_schemas import ArchiveError
+from storage_schemas.ranges import GRAMMAR
+
+from .options import TEXT_TOKEN_RULE
 
 
 def _fail(exc: Exception) -> click.ClickException:
@@ -24,13 +27,13 @@ def _fail(exc: Exception) -> click.ClickException:
               type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
               help="Model dtype; auto = what the checkpoint says.")
 @click.option("--layers", default="all", show_default=True,
-              help="hidden_states indices to store: all, or e.g. '0,8,16-32' (0 = embeddings).")
+              help=f"hidden_states indices to store (0 = embeddings): all, or {GRAMMAR}; e.g. '0,8,16-32', '-4:'.")
 @click.option("--template", default=None,
               help="Prompt: default the processor's chat template; 'vicuna_v1' (the reference prompt); or a raw "
                    "string with {image} and {text}.")
-@click.option("--text-tokens", default="after_image", show_default=True,
-              type=click.Choice(["after_image", "response", "all"]),
-              help="Default text-token selection recorded for analysis (every non-image token is stored).")
+@click.option("--text-tokens", default="after_image", show_default=True, type=TEXT_TOKEN_RULE,
+              help="The text-token rule `mir analyze` uses on this archive unless told otherwise (every non-image "
+                   "token is stored, so any rule can be chosen later).")
 @click.option("--max-text-tokens", type=click.IntRange(min=1), help="Cut each text after this many tokens.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (checks model, settings and data).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing archive at --out.")

@@ -9,6 +9,8 @@ import click
 
 from storage_schemas import ArchiveError
 
+from .options import analysis_options, analysis_run, selection_options, trace_options
+
 
 def _log_targets(ctx, param, value):
     from pipelines.trackers import validate_targets
@@ -88,38 +90,26 @@ def study(config, jobs, devices, scheduler, report_path, log_targets):
 
 
 @click.command()
-@click.argument("archives", nargs=-1, required=True)
+@selection_options
+@trace_options(bootstrap_default=200)
 @click.option("--label", "labels", multiple=True, help="A name per archive (default: folder names).")
-@click.option("--layers", default=None, help="Layers (default: all decoder layers the archives share).")
-@click.option("--text-tokens", default="after-image", show_default=True,
-              type=click.Choice(["after-image", "response", "all"]))
-@click.option("--sqrt", "mode", default="exact", show_default=True,
-              type=click.Choice(["exact", "reference-fast", "reference-accurate"]))
-@click.option("--bootstrap", default=200, show_default=True, type=click.IntRange(min=0),
-              help="Bootstrap replicates for the intervals (0: none).")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--scheduler", default=None, metavar="ADDRESS", help="dask.distributed scheduler address.")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
-              help="Write results as JSON ('-' for stdout, instead of the table).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Plot the per-layer curves together (PNG).")
 @click.option("--log", "log_targets", multiple=True, metavar="KIND:WHERE", callback=_log_targets,
               help="Log MIR, its interval, per-layer FDs and the settings to tensorboard:DIR or mlflow:URI "
                    "(repeatable).")
-def compare(archives, labels, layers, text_tokens, mode, bootstrap, seed, scheduler, json_path, plot_path,
-            log_targets):
-    """Analyse several ARCHIVES on the sample ids they share, side by side, with the noise of each difference."""
-    from analyze import AnalysisError, AnalysisOptions, Runner
+def compare(archives, labels, layers, samples, where, text_tokens, scheduler, workers, memory_limit, precision,
+            no_cache, cache_dir, progress, json_path, plot_path, log_targets, **trace):
+    """Analyse several ARCHIVES on the sample ids they share, side by side, with the noise of each difference.
+
+    --samples and --where choose among the first archive's samples; only those every archive holds are compared."""
     from pipelines.compare import compare_archives, format_comparison
 
-    runner = Runner(scheduler)
-    try:
-        result = compare_archives(list(archives), labels=list(labels) or None, layers=layers, text_tokens=text_tokens,
-                                  options=AnalysisOptions(mode=mode, bootstrap=bootstrap, seed=seed), runner=runner)
-    except (ArchiveError, AnalysisError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    finally:
-        runner.close()
+    options = analysis_options(precision=precision, no_cache=no_cache, cache_dir=cache_dir, memory_limit=memory_limit,
+                               **trace)
+    with analysis_run(scheduler, workers, progress) as runner:
+        result = compare_archives(list(archives), labels=list(labels) or None, layers=layers, samples=samples,
+                                  where=where, text_tokens=text_tokens, options=options, runner=runner)
     from pipelines.trackers import log_comparison
     log_comparison(log_targets, result, archives)
     text = json.dumps(result.to_json(), indent=2)
