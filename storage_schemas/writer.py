@@ -1,9 +1,10 @@
 """The only code that writes archives: create, append in committed batches, recover.
 
-Commit protocol (see README.md, "Growth and crash safety"): for a batch, every array is resized
-and its new region written; then the root attribute `commit` is rewritten in one atomic file
-replace (zarr's LocalStore writes through a temporary file and a rename). Readers trust only the
-commit record, so a crash at any moment leaves the committed prefix intact and readable.
+Commit protocol (see README.md, "Growth and crash safety"): hidden states are written ahead, as
+their shards fill; a commit writes the per-token and per-sample arrays of the samples whose hidden
+states are on disk, then rewrites the root attribute `commit` in one atomic file replace (zarr's
+LocalStore writes through a temporary file and a rename). Readers trust only the commit record, so
+a crash at any moment leaves the committed prefix intact and readable.
 """
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.abc.store import Store
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .codecs import CHUNKS_PER_SHARD, DEFAULT_CODEC, INDEX_CHUNK, chunk_tokens_for, hidden_compressors, \
@@ -26,16 +29,22 @@ from .schema import (COMMIT_KEYS, HIDDEN, HIDDEN_DIMS, MODALITIES, ROLE_MEANINGS
                      SAMPLES_GROUP, SCHEMA_VERSION, STORED_DTYPE, TOKEN_VARIABLES, ArchiveError, TextRole,
                      commit_key_for)
 from .store import is_remote, read_root_attrs
+from .stream import TokenStream
 
-DEFAULT_COMMIT_BYTES = 256 * 2**20
-DEFAULT_COMMIT_SAMPLES = 4096
+DEFAULT_COMMIT_SAMPLES = 4096  # accepted but uncommitted samples before `append` commits by itself
 
 
 class ArchiveWriter:
-    """Appends samples to one archive; holds its writer lock while open. Use as a context manager."""
+    """Appends samples to one archive; holds its writer lock while open. Use as a context manager.
+
+    `append` streams hidden states to disk as whole shards fill (stream.py), so disk writes are
+    spread over the run and each shard is written once. `commit` publishes every sample that is
+    already on disk (cheap: only the small per-token and per-sample arrays and the commit record);
+    `flush` also writes the partial boundary shards, so it commits everything accepted.
+    """
 
     def __init__(self, path: Path, group: zarr.Group, lock: WriterLock, *,
-                 commit_bytes: int = DEFAULT_COMMIT_BYTES, commit_samples: int = DEFAULT_COMMIT_SAMPLES):
+                 commit_samples: int = DEFAULT_COMMIT_SAMPLES):
         self.path = path
         self.group = group
         self._lock = lock
@@ -45,14 +54,14 @@ class ArchiveWriter:
         self.hidden_size = int(storage["hidden_size"])
         self.stored_dtype = storage["dtype"]
         self.source_dtype = storage["source_dtype"]
-        self.commit_bytes = commit_bytes
         self.commit_samples = commit_samples
-        self._buffer: list[SampleRecord] = []
-        self._buffered_bytes = 0
+        self._pending: list[_Pending] = []  # accepted, not committed; their hidden states are streamed
         self._pending_attrs: dict = {}
-        n = self.attrs["commit"]["samples"]
+        commit = self.attrs["commit"]
+        self._streams = {m: TokenStream(group[f"{m}/{HIDDEN}"], commit[f"{m}_tokens"], _append_along)
+                         for m in MODALITIES}
+        n = commit["samples"]
         self._ids: set[str] = set(str(x) for x in group[f"{SAMPLES_GROUP}/sample_id"][:n]) if n else set()
-        self._committed_ids_order: list[str] | None = None
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -100,13 +109,18 @@ class ArchiveWriter:
         return cls.open_for_append(path, **writer_options)
 
     @classmethod
-    def open_for_append(cls, path: str | Path, **writer_options) -> "ArchiveWriter":
-        """Open an existing archive for appending: take the lock, roll back any interrupted append."""
+    def open_for_append(cls, path: str | Path, *, wrap_store: Callable[[Store], Store] | None = None,
+                        **writer_options) -> "ArchiveWriter":
+        """Open an existing archive for appending: take the lock, roll back any interrupted append.
+
+        `wrap_store` wraps the LocalStore every write goes through (e.g. a zarr.storage.WrapperStore
+        that injects faults: the tests' seam, so they never patch zarr's internals)."""
         path = _local_path(path)
         attrs = read_root_attrs(str(path))  # raises a clear ArchiveError for non-archives / versions
         lock = WriterLock(path).acquire()
         try:
-            group = zarr.open_group(zarr.storage.LocalStore(path), mode="r+", zarr_format=3)
+            store = zarr.storage.LocalStore(path)
+            group = zarr.open_group(wrap_store(store) if wrap_store else store, mode="r+", zarr_format=3)
             _remove_partial_files(path)
             rolled = _truncate_to_commit(group, attrs["commit"])
             writer = cls(path, group, lock, **writer_options)
@@ -130,56 +144,63 @@ class ArchiveWriter:
         """Merge JSON attributes into the root; they land with the next commit (or flush)."""
         self._pending_attrs.update(attrs)
 
+    @property
+    def pending_samples(self) -> int:
+        """Samples accepted but not yet committed."""
+        return len(self._pending)
+
     def append(self, records: Sequence[SampleRecord]) -> None:
-        """Buffer records; commit when the buffer is large. Duplicate or malformed samples are refused."""
+        """Accept records and stream their hidden states to disk; nothing is committed here (unless
+        `commit_samples` are pending). Duplicate or malformed samples are refused, the whole call."""
+        batch_ids: set[str] = set()
         for rec in records:
             rec.check(n_layers=len(self.layers), hidden_size=self.hidden_size,
                       stored_dtype=self.stored_dtype, source_dtype=self.source_dtype)
-            if rec.sample_id in self._ids:
+            if rec.sample_id in self._ids or rec.sample_id in batch_ids:
                 raise ArchiveError(f"sample {rec.sample_id!r} is already in {self.path} (sample ids must be "
                                    "unique)")
+            batch_ids.add(rec.sample_id)
+        for rec in records:
             self._ids.add(rec.sample_id)
-            self._buffer.append(rec)
-            self._buffered_bytes += rec.vision.nbytes + rec.text_hidden.nbytes
-        if self._buffered_bytes >= self.commit_bytes or len(self._buffer) >= self.commit_samples:
+            self._pending.append(_Pending.of(rec))
+            self._guarded(lambda: (self._streams["vision"].push(rec.vision),
+                                   self._streams["text"].push(rec.text_hidden)))
+        if len(self._pending) >= self.commit_samples:
             self.flush()
 
+    def commit(self) -> int:
+        """Commit every accepted sample whose hidden states are already on disk; write no hidden state.
+        Returns the number of samples this committed."""
+        vision = self._streams["vision"].durable - self.attrs["commit"]["vision_tokens"]
+        text = self._streams["text"].durable - self.attrs["commit"]["text_tokens"]
+        k = 0
+        for rec in self._pending:
+            if rec.n_vision > vision or rec.n_text > text:
+                break
+            vision, text, k = vision - rec.n_vision, text - rec.n_text, k + 1
+        if k:
+            self._commit(k)
+        return k
+
     def flush(self) -> None:
-        """Write everything buffered and commit it. On failure the archive keeps its last commit."""
-        if not self._buffer and not self._pending_attrs:
+        """Write everything accepted (the partial boundary shards too) and commit it. On failure the
+        archive keeps its last commit."""
+        if not self._pending and not self._pending_attrs:
             return
-        records, self._buffer, self._buffered_bytes = self._buffer, [], 0
-        before = self.committed
-        try:
-            with zarr.config.set({"array.write_empty_chunks": True}):  # see store.missing_chunk_files
-                new = _write_batch(self.group, before, records) if records else before
-            new = {**new, "generation": before["generation"] + 1}
-            update = {**self._pending_attrs, "commit": new}
-            self.group.attrs.update(update)  # the commit point: one atomic replace of zarr.json
-        except BaseException as exc:
-            for rec in records:
-                self._ids.discard(rec.sample_id)
-            try:
-                _truncate_to_commit(self.group, before)
-            except Exception:  # the next writer rolls back instead
-                pass
-            if isinstance(exc, OSError):
-                raise ArchiveError(f"writing to {self.path} failed ({exc}); the archive still holds its "
-                                   f"{before['samples']} committed samples and nothing of this batch") from exc
-            raise
-        self.attrs.update(update)
-        self._pending_attrs = {}
+        self._guarded(lambda: [stream.flush() for stream in self._streams.values()])
+        self._commit(len(self._pending))
 
     def close(self) -> None:
-        """Commit what is buffered and release the lock."""
+        """Commit what is accepted and release the lock."""
         try:
             self.flush()
         finally:
             self._lock.release()
 
     def abort(self) -> None:
-        """Drop what is buffered and release the lock (the archive keeps its last commit)."""
-        self._buffer, self._buffered_bytes = [], 0
+        """Drop what is not committed and release the lock (the archive keeps its last commit; the
+        next writer rolls back hidden states written past it)."""
+        self._forget_pending()
         self._lock.release()
 
     def __enter__(self) -> "ArchiveWriter":
@@ -190,6 +211,48 @@ class ArchiveWriter:
             self.close()
         else:
             self.abort()
+
+    # ----------------------------------------------------------------- committing
+    def _commit(self, k: int) -> None:
+        """Write the small arrays of the first k pending samples, then the commit record."""
+        records = self._pending[:k]
+        before = self.committed
+
+        def write() -> dict:
+            new = _write_tables(self.group, before, records) if records else before
+            update = {**self._pending_attrs, "commit": {**new, "generation": before["generation"] + 1}}
+            self.group.attrs.update(update)  # the commit point: one atomic replace of zarr.json
+            return update
+
+        update = self._guarded(write)
+        self.attrs.update(update)
+        self._pending = self._pending[k:]
+        self._pending_attrs = {}
+
+    def _guarded(self, action):
+        """Run a write; on failure roll back to the last commit and say what the archive still holds."""
+        try:
+            with zarr.config.set({"array.write_empty_chunks": True}):  # see store.missing_chunk_files
+                return action()
+        except BaseException as exc:
+            before, dropped = self.committed, len(self._pending)
+            self._forget_pending()
+            try:
+                _truncate_to_commit(self.group, before)
+            except Exception:  # the next writer rolls back instead
+                pass
+            if isinstance(exc, OSError):
+                raise ArchiveError(f"writing to {self.path} failed ({exc}); the archive still holds its "
+                                   f"{before['samples']} committed samples and nothing of the {dropped} "
+                                   "accepted after them") from exc
+            raise
+
+    def _forget_pending(self) -> None:
+        for rec in self._pending:
+            self._ids.discard(rec.sample_id)
+        self._pending = []
+        for modality, stream in self._streams.items():
+            stream.reset(self.attrs["commit"][f"{modality}_tokens"])
 
 
 # --------------------------------------------------------------------- helpers
@@ -271,27 +334,48 @@ def _append_along(arr: zarr.Array, axis: int, start: int, values: np.ndarray) ->
         arr[tuple(region)] = values
 
 
-def _write_batch(group: zarr.Group, commit: dict, records: list[SampleRecord]) -> dict:
-    """Write one batch's data past the commit record; return the record that would commit it."""
+@dataclass(frozen=True)
+class _Pending:
+    """An accepted sample without its hidden states (those went to the token streams)."""
+
+    sample_id: str
+    image: str
+    text: str
+    n_vision: int
+    n_text: int
+    vision_position: np.ndarray
+    text_position: np.ndarray
+    text_token_id: np.ndarray
+    text_role: np.ndarray
+    input_ids: np.ndarray
+
+    @classmethod
+    def of(cls, rec: SampleRecord) -> "_Pending":
+        return cls(rec.sample_id, rec.image, rec.text, rec.n_vision, rec.n_text,
+                   *(np.array(x, copy=True) for x in (rec.vision_position, rec.text_position, rec.text_token_id,
+                                                      rec.text_role, rec.input_ids)))
+
+
+def _write_tables(group: zarr.Group, commit: dict, records: list[_Pending]) -> dict:
+    """Write the per-token and per-sample arrays of `records` past the commit record (their hidden
+    states are already on disk); return the record that commits them."""
     n0, v0, t0, i0 = (commit[k] for k in COMMIT_KEYS)
     n_vis = np.array([r.n_vision for r in records], dtype=np.int64)
     n_txt = np.array([r.n_text for r in records], dtype=np.int64)
-    n_inp = np.array([np.asarray(r.input_ids).size for r in records], dtype=np.int64)
+    n_inp = np.array([r.input_ids.size for r in records], dtype=np.int64)
     rows = np.arange(n0, n0 + len(records), dtype=np.int64)
     token_data = {
-        "vision": {HIDDEN: np.concatenate([r.vision for r in records], axis=1),
-                   "sample": np.repeat(rows, n_vis),
-                   "position": np.concatenate([np.asarray(r.vision_position) for r in records]).astype("int32")},
-        "text": {HIDDEN: np.concatenate([r.text_hidden for r in records], axis=1),
-                 "sample": np.repeat(rows, n_txt),
-                 "position": np.concatenate([np.asarray(r.text_position) for r in records]).astype("int32"),
-                 "token_id": np.concatenate([np.asarray(r.text_token_id) for r in records]).astype("int64"),
-                 "role": np.concatenate([np.asarray(r.text_role) for r in records]).astype("int8")},
+        "vision": {"sample": np.repeat(rows, n_vis),
+                   "position": np.concatenate([r.vision_position for r in records]).astype("int32")},
+        "text": {"sample": np.repeat(rows, n_txt),
+                 "position": np.concatenate([r.text_position for r in records]).astype("int32"),
+                 "token_id": np.concatenate([r.text_token_id for r in records]).astype("int64"),
+                 "role": np.concatenate([r.text_role for r in records]).astype("int8")},
     }
     starts = {"vision": v0, "text": t0}
     for modality, variables in token_data.items():
         for name, values in variables.items():
-            _append_along(group[f"{modality}/{name}"], 1 if name == HIDDEN else 0, starts[modality], values)
+            _append_along(group[f"{modality}/{name}"], 0, starts[modality], values)
     table = {
         "sample_id": np.array([r.sample_id for r in records], dtype=object),
         "image": np.array([r.image for r in records], dtype=object),
@@ -306,6 +390,6 @@ def _write_batch(group: zarr.Group, commit: dict, records: list[SampleRecord]) -
     for name, values in table.items():
         _append_along(group[f"{SAMPLES_GROUP}/{name}"], 0, n0, values)
     _append_along(group[f"{SAMPLES_GROUP}/input_ids"], 0, i0,
-                  np.concatenate([np.asarray(r.input_ids, dtype=np.int64) for r in records]))
+                  np.concatenate([r.input_ids.astype(np.int64) for r in records]))
     return {"samples": n0 + len(records), "vision_tokens": v0 + int(n_vis.sum()),
             "text_tokens": t0 + int(n_txt.sum()), "input_tokens": i0 + int(n_inp.sum())}
