@@ -31,7 +31,7 @@ TEXT_TOKEN_RULES = ("after_image", "response", "all")
 
 @dataclass
 class ExtractOptions:
-    """Everything `mir extract` can be told; see docs/extract.md for the meaning of each."""
+    """Everything `mir extract` can be told (`mir extract --help` and the README say what each means)."""
 
     model: str
     out: str
@@ -241,20 +241,12 @@ def check_resume(existing: dict[str, Any], wanted: dict[str, Any], path: Path) -
 # ----------------------------------------------------------------------------- the job
 def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = None) -> ExtractResult:
     """Run one extraction (or resume one); return what it did."""
-    from . import batching, loading, runner
+    from . import loading, runner
 
     say = on_info or (lambda msg: log.info(msg))
-    if opts.text_tokens not in TEXT_TOKEN_RULES:
-        raise ExtractError(f"--text-tokens {opts.text_tokens!r}: choose one of {', '.join(TEXT_TOKEN_RULES)}")
-    if opts.batch_size < 1:
-        raise ExtractError("--batch-size must be at least 1")
-    if opts.max_text_tokens is not None and opts.max_text_tokens < 1:
-        raise ExtractError("--max-text-tokens must be at least 1")
-    if opts.resume and opts.overwrite:
-        raise ExtractError("--resume and --overwrite exclude each other")
+    check_options(opts)
     out = Path(opts.out).expanduser().absolute()
     layout = PromptLayout.from_option(opts.template)
-    parse_compression(opts.compression)
     full = sample_list(opts)
     part = full.shard(*opts.shard) if opts.shard else full
     resuming = opts.resume and out.exists()
@@ -267,9 +259,51 @@ def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = Non
     info = loading.load_model(opts.model, device=device, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
                               revision=opts.revision, attn_implementation=opts.attn_implementation)
     layers = parse_layers(opts.layers, info.num_hidden_layers)
-    sett = settings(opts, layers, layout, info.dtype)
     run_record = _run_record(opts, device, 0)
-    attrs = {
+    attrs = provenance(opts, info, layers, layout, full, part, run_record,
+                       runner.drops_attention_mask(info.model))
+    writer, todo, base_extraction = open_or_create(opts, out, info, layout, layers, attrs, part, resuming, say)
+    run_record["samples_planned"] = len(todo)
+    try:
+        stats = runner.run(
+            info, todo, layers=layers, batch_size=opts.batch_size, layout=layout,
+            make_record=record_maker(info.dtype), sink=writer, commit_every=opts.commit_every,
+            commit_seconds=opts.commit_seconds, max_text_tokens=opts.max_text_tokens, progress=opts.progress)
+    except BaseException as exc:
+        translated = _translate_failure(exc, writer, out, len(part), resuming, opts.batch_size)
+        if translated is exc:
+            raise
+        raise translated from exc
+    run_record.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "samples_done": stats.samples,
+                       "seconds": round(stats.seconds, 3), "truncated": stats.truncated, "commits": stats.commits})
+    extraction = {**base_extraction, "runs": list(base_extraction.get("runs", [])) + [run_record]}
+    writer.update_attrs({"extraction": extraction})
+    writer.close()
+    return ExtractResult(out=out, samples_total=len(part), samples_skipped=len(part) - len(todo),
+                         samples_done=stats.samples, seconds=stats.seconds,
+                         samples_per_second=stats.samples_per_second, truncated=stats.truncated,
+                         cpu_seconds=stats.cpu_seconds, attrs={**attrs, "extraction": extraction})
+
+
+def check_options(opts: ExtractOptions) -> None:
+    """Refuse option values that need no file or model to be found wrong."""
+    if opts.text_tokens not in TEXT_TOKEN_RULES:
+        raise ExtractError(f"--text-tokens {opts.text_tokens!r}: choose one of {', '.join(TEXT_TOKEN_RULES)}")
+    if opts.batch_size < 1:
+        raise ExtractError("--batch-size must be at least 1")
+    if opts.max_text_tokens is not None and opts.max_text_tokens < 1:
+        raise ExtractError("--max-text-tokens must be at least 1")
+    if opts.resume and opts.overwrite:
+        raise ExtractError("--resume and --overwrite exclude each other")
+    parse_compression(opts.compression)
+
+
+def provenance(opts: ExtractOptions, info: Any, layers: list[int], layout: PromptLayout,
+               full: data_mod.SampleList, part: data_mod.SampleList, run_record: dict[str, Any],
+               drops_mask: bool) -> dict[str, Any]:
+    """The root attributes a new archive gets, and that a resumed one must match (check_resume)."""
+    sett = settings(opts, layers, layout, info.dtype)
+    return {
         "model": info.provenance,
         "extraction": {
             "tool": "mir extract",
@@ -283,7 +317,7 @@ def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = Non
             "device": run_record["device"],
             "batch_size": opts.batch_size,
             "attention_mask": ("omitted: right padding under causal attention makes it redundant"
-                               if runner.drops_attention_mask(info.model) else "passed"),
+                               if drops_mask else "passed"),
             "library_versions": run_record["library_versions"],
             "runs": [],
         },
@@ -297,43 +331,43 @@ def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = Non
         },
     }
 
+
+def open_or_create(opts: ExtractOptions, out: Path, info: Any, layout: PromptLayout, layers: list[int],
+                   attrs: dict[str, Any], part: data_mod.SampleList, resuming: bool,
+                   say: Callable[[str], None]) -> tuple[ArchiveWriter, list, dict[str, Any]]:
+    """The writer, the samples still to do and the extraction attributes to extend: a resumed
+    archive is checked against this run first; a new one is created only once the texts pass."""
+    from . import batching
+
+    max_pos = batching.max_positions(info.model)
     if not resuming:  # cheap (texts only), so even with --no-preflight
-        batching.check_prompts(info.processor, layout, part.samples, opts.max_text_tokens,
-                             batching.max_positions(info.model))
-    if resuming:
-        writer = ArchiveWriter.open_for_append(out)
-        try:
-            check_resume(writer.attrs, attrs, out)
-        except BaseException:
-            writer.abort()
-            raise
+        batching.check_prompts(info.processor, layout, part.samples, opts.max_text_tokens, max_pos)
+        writer = ArchiveWriter.create(out, layers=layers, hidden_size=info.hidden_size, dtype=info.dtype,
+                                      attrs=attrs, overwrite=opts.overwrite, codec=parse_compression(opts.compression))
+        return writer, list(part.samples), dict(attrs["extraction"])
+    writer = ArchiveWriter.open_for_append(out)
+    try:
+        check_resume(writer.attrs, attrs, out)
         done = set(writer.committed_sample_ids)
         todo = [s for s in part.samples if s.sample_id not in done]
         stray = done - {s.sample_id for s in part.samples}
         if stray:
-            writer.abort()
             raise ResumeError(f"cannot resume {out}: it holds samples not in this run's list, e.g. {sorted(stray)[:3]}")
-        base_extraction = dict(writer.attrs.get("extraction", {}))
         say(f"resuming {out}: {len(done)} of {len(part)} samples already committed")
-        try:
-            if opts.preflight:
-                data_mod.preflight(data_mod.SampleList(tuple(todo), part.sources))
-            batching.check_prompts(info.processor, layout, todo, opts.max_text_tokens,
-                                 batching.max_positions(info.model))
-        except BaseException:
-            writer.abort()
-            raise
-    else:
-        writer = ArchiveWriter.create(out, layers=layers, hidden_size=info.hidden_size, dtype=info.dtype,
-                                      attrs=attrs, overwrite=opts.overwrite, codec=parse_compression(opts.compression))
-        todo = list(part.samples)
-        base_extraction = dict(attrs["extraction"])
-    skipped = len(part) - len(todo)
+        if opts.preflight:
+            data_mod.preflight(data_mod.SampleList(tuple(todo), part.sources))
+        batching.check_prompts(info.processor, layout, todo, opts.max_text_tokens, max_pos)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer, todo, dict(writer.attrs.get("extraction", {}))
 
-    run_record["samples_planned"] = len(todo)
-    stored_dtype = np.float16 if info.dtype == "float16" else np.float32
 
-    def make_record(ps: batching.PreparedSample, vision: np.ndarray, text: np.ndarray) -> SampleRecord:
+def record_maker(model_dtype: str) -> Callable[..., SampleRecord]:
+    """`make_record(prepared, vision, text)` for the run loop, in the archive's stored dtype."""
+    stored_dtype = np.float16 if model_dtype == "float16" else np.float32
+
+    def make_record(ps: Any, vision: np.ndarray, text: np.ndarray) -> SampleRecord:
         t = ps.tokens
         return SampleRecord(
             sample_id=ps.sample.sample_id, image=ps.sample.image_ref, text=ps.sample.text_ref,
@@ -341,36 +375,26 @@ def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = Non
             text_hidden=text.astype(stored_dtype, copy=False), text_position=t.text_position,
             text_token_id=t.text_token_id, text_role=t.text_role, input_ids=t.input_ids)
 
-    try:
-        stats = runner.run(
-            info, todo, layers=layers, batch_size=opts.batch_size, layout=layout, make_record=make_record,
-            append=writer.append, commit=writer.flush, commit_every=opts.commit_every,
-            commit_seconds=opts.commit_seconds, max_text_tokens=opts.max_text_tokens, progress=opts.progress)
-    except BaseException as exc:
-        import torch
+    return make_record
 
-        committed = writer.committed["samples"]
-        writer.abort()
-        if committed == 0 and not resuming:
-            shutil.rmtree(out, ignore_errors=True)  # the empty archive this run created
-            note = f"nothing was written to {out}"
-        else:
-            note = (f"{committed} of {len(part)} samples are committed in {out}; "
-                    f"fix the problem and rerun with --resume to continue")
-        if isinstance(exc, KeyboardInterrupt):
-            raise ExtractError(f"interrupted; {note}") from exc
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            raise ExtractError(f"out of device memory at --batch-size {opts.batch_size}; use a smaller batch "
-                               f"size ({note})") from exc
-        if isinstance(exc, (ExtractError, ArchiveError)):
-            raise type(exc)(f"{exc}\n({note})") from exc
-        raise
-    run_record.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "samples_done": stats.samples,
-                       "seconds": round(stats.seconds, 3), "truncated": stats.truncated})
-    extraction = {**base_extraction, "runs": list(base_extraction.get("runs", [])) + [run_record]}
-    writer.update_attrs({"extraction": extraction})
-    writer.close()
-    return ExtractResult(out=out, samples_total=len(part), samples_skipped=skipped, samples_done=stats.samples,
-                         seconds=stats.seconds, samples_per_second=stats.samples_per_second,
-                         truncated=stats.truncated, cpu_seconds=stats.cpu_seconds,
-                         attrs={**attrs, "extraction": extraction})
+
+def _translate_failure(exc: BaseException, writer: ArchiveWriter, out: Path, n_part: int, resuming: bool,
+                       batch_size: int) -> BaseException:
+    """Release the archive and say what a failed run left behind and how to continue."""
+    import torch
+
+    committed = writer.committed["samples"]
+    writer.abort()
+    if committed == 0 and not resuming:
+        shutil.rmtree(out, ignore_errors=True)  # the empty archive this run created
+        note = f"nothing was written to {out}"
+    else:
+        note = (f"{committed} of {n_part} samples are committed in {out}; "
+                f"fix the problem and rerun with --resume to continue")
+    if isinstance(exc, KeyboardInterrupt):
+        return ExtractError(f"interrupted; {note}")
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return ExtractError(f"out of device memory at --batch-size {batch_size}; use a smaller batch size ({note})")
+    if isinstance(exc, (ExtractError, ArchiveError)):
+        return type(exc)(f"{exc}\n({note})")
+    return exc
