@@ -127,13 +127,15 @@ BLOSC_NAMES = ("zstd", "lz4", "lz4hc", "blosclz", "zlib")
 
 
 def parse_compression(spec: str | None) -> dict | None:
-    """'zstd:3', 'lz4', ... -> the writer's codec settings (None keeps the archive default)."""
+    """'none', 'zstd:3', 'lz4', ... -> the writer's codec settings (None keeps the format's default)."""
     if spec is None:
         return None
+    if spec == "none":
+        return {"cname": "none"}
     name, _, level = spec.partition(":")
     if name not in BLOSC_NAMES or (level and not (level.isdigit() and 0 <= int(level) <= 9)):
-        raise ExtractError(f"--compression {spec!r}: use NAME[:LEVEL] with NAME one of {', '.join(BLOSC_NAMES)} "
-                           "and LEVEL 0..9 (e.g. zstd:3, lz4:5)")
+        raise ExtractError(f"--compression {spec!r}: use none, or NAME[:LEVEL] with NAME one of "
+                           f"{', '.join(BLOSC_NAMES)} and LEVEL 0..9 (e.g. zstd:3, lz4:1)")
     return {"cname": name, "clevel": int(level) if level else 5 if name.startswith("lz4") else 3}
 
 

@@ -149,13 +149,15 @@ def run(
     max_text_tokens: int | None = None,
     progress: bool = True,
     queue_depth: int = 2,
+    host_batches: int = 2,
 ) -> RunStats:
     """Extract `samples` batch by batch into `sink` (an ArchiveWriter); return what was done.
 
     `make_record(prepared, vision, text)` builds one archive record from a sample's bookkeeping
     and its (n_layers, n, hidden) arrays; writing.CommitPolicy says when samples are committed.
     If anything fails, the batches that were completely extracted are still committed before the
-    error propagates, and nothing of a partial batch is.
+    error propagates, and nothing of a partial batch is. At most `host_batches` batches of hidden
+    states are on the host at once (copied, queued or being written), which bounds host memory.
     """
     from tqdm.auto import tqdm
 
@@ -166,11 +168,13 @@ def run(
     pool = PinnedPool() if forward.device.type == "cuda" else None
     stats = RunStats()
     prepared_q: queue.Queue = queue.Queue(maxsize=queue_depth)
-    transfer_q: queue.Queue = queue.Queue(maxsize=queue_depth)
+    transfer_q: queue.Queue = queue.Queue()  # bounded by `on_host`
+    on_host = threading.BoundedSemaphore(host_batches)
     stop = threading.Event()
     bar = tqdm(total=len(samples), unit="sample", disable=not progress, dynamic_ncols=True,
                desc="extract", smoothing=0.1)
-    stage = WriterStage(sink, make_record, CommitPolicy(commit_every, commit_seconds), stats, pool, bar.update)
+    stage = WriterStage(sink, make_record, CommitPolicy(commit_every, commit_seconds), stats, pool, bar.update,
+                        on_host.release)
     producer = _Thread(lambda: _prefetch(preparer, samples, batch_size, prepared_q, stop), "mir-prefetch")
     writer = _Thread(lambda: stage.consume(transfer_q), "mir-writer")
     t0, c0 = time.perf_counter(), time.process_time()
@@ -181,9 +185,11 @@ def run(
         with torch.inference_mode():
             while (item := _get(prepared_q, writer)) is not STOP:
                 hidden_states = forward.hidden_states(item, layers)
+                if not _acquire(on_host, writer):
+                    break  # the writer failed; its error is raised below
                 transfer = gather(hidden_states, layers, item, pool)
                 del hidden_states
-                _put(transfer_q, transfer, writer)
+                transfer_q.put(transfer)
         if producer.error is not None:
             raise producer.error
     except BaseException as exc:  # noqa: BLE001 - re-raised below after a clean shutdown
@@ -214,6 +220,14 @@ def _get(q: queue.Queue, writer: _Thread):
             return q.get(timeout=0.2)
         except queue.Empty:
             continue
+
+
+def _acquire(slot: threading.BoundedSemaphore, writer: _Thread) -> bool:
+    """Wait for room on the host; False if the writer died meanwhile."""
+    while not slot.acquire(timeout=0.2):
+        if writer.error is not None or not writer.is_alive():
+            return False
+    return True
 
 
 def _put(q: queue.Queue, item: Any, writer: _Thread) -> None:

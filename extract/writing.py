@@ -80,8 +80,10 @@ class WriterStage:
     """Takes transfers off a queue, splits them into per-sample records and appends them."""
 
     def __init__(self, sink: Sink, make_record: MakeRecord, policy: CommitPolicy, stats: RunStats,
-                 pool: PinnedPool | None = None, on_samples: Callable[[int], None] | None = None):
+                 pool: PinnedPool | None = None, on_samples: Callable[[int], None] | None = None,
+                 on_released: Callable[[], None] | None = None):
         self.sink = sink
+        self.on_released = on_released or (lambda: None)  # a batch's host memory is free again
         self.make_record = make_record
         self.policy = policy
         self.stats = stats
@@ -107,6 +109,7 @@ class WriterStage:
         del records, arr
         if item.pooled is not None and self.pool is not None:
             self.pool.put(item.pooled)
+        self.on_released()
         self.stats.samples += len(item.batch.samples)
         self.stats.truncated += sum(ps.truncated for ps in item.batch.samples)
         self.stats.commits += self.policy.after_batch(len(item.batch.samples), self.sink)

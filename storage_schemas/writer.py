@@ -21,7 +21,7 @@ import zarr
 from zarr.abc.store import Store
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from .codecs import CHUNKS_PER_SHARD, DEFAULT_CODEC, INDEX_CHUNK, chunk_tokens_for, hidden_compressors, \
+from .codecs import INDEX_CHUNK, chunk_tokens_for, chunks_per_shard_for, hidden_codec, hidden_compressors, \
     index_compressors
 from .lock import WriterLock
 from .records import SampleRecord
@@ -67,7 +67,7 @@ class ArchiveWriter:
     @classmethod
     def create(cls, path: str | Path, *, layers: Sequence[int], hidden_size: int, dtype: str, attrs: dict,
                overwrite: bool = False, chunk_tokens: int | None = None,
-               chunks_per_shard: int = CHUNKS_PER_SHARD, codec: dict | None = None,
+               chunks_per_shard: int | None = None, codec: dict | None = None,
                **writer_options) -> "ArchiveWriter":
         """Create an empty archive atomically (built beside `path`, then renamed into place)."""
         path = _local_path(path)
@@ -83,6 +83,9 @@ class ArchiveWriter:
             raise ArchiveError(f"layers must be a non-empty list of distinct indices, got {layers}")
         stored = STORED_DTYPE[dtype]
         ct = chunk_tokens or chunk_tokens_for(hidden_size, np.dtype(stored).itemsize)
+        chunks_per_shard = chunks_per_shard or chunks_per_shard_for(len(layers), ct, hidden_size,
+                                                                    np.dtype(stored).itemsize)
+        codec = hidden_codec(dtype, codec)
         tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -93,7 +96,7 @@ class ArchiveWriter:
                 **{k: v for k, v in attrs.items() if k not in ("model", "extraction", "dataset")},
                 "storage": {"dtype": stored, "source_dtype": dtype, "hidden_size": int(hidden_size),
                             "chunk_tokens": ct, "chunks_per_shard": chunks_per_shard,
-                            "codec": {**DEFAULT_CODEC, **(codec or {})}, "created": _now()},
+                            "codec": codec, "created": _now()},
                 "archive_uuid": uuid.uuid4().hex,
                 "commit": {**{k: 0 for k in COMMIT_KEYS}, "generation": 0},
             })
@@ -268,7 +271,7 @@ def _now() -> str:
 
 
 def _create_modality(root: zarr.Group, modality: str, layers: list[int], hidden_size: int, stored: str,
-                     source: str, ct: int, cps: int, codec: dict | None) -> None:
+                     source: str, ct: int, cps: int, codec: dict) -> None:
     grp = root.create_group(modality)
     token_vars = TOKEN_VARIABLES[modality]
     grp.create_array(
