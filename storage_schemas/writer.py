@@ -307,10 +307,15 @@ def _growing_arrays(group: zarr.Group):
         yield group[f"{SAMPLES_GROUP}/{name}"], 0, commit_key_for(SAMPLES_GROUP, name)
 
 
+# zarr's LocalStore writes `<key>.<uuid>.partial`, then renames it into place; the crash tests
+# check that a real interrupted write leaves exactly such a file.
+TEMPORARY_SUFFIX = ".partial"
+
+
 def _remove_partial_files(path: Path) -> None:
-    """Delete temporary files a killed writer left behind (zarr writes `<key>.<uuid>.partial`, then
-    renames). Safe here: the caller holds the writer lock, so no live writer owns them."""
-    for leftover in path.rglob("*.partial"):
+    """Delete temporary files a killed writer left behind. Safe here: the caller holds the writer
+    lock, so no live writer owns them."""
+    for leftover in path.rglob(f"*{TEMPORARY_SUFFIX}"):
         leftover.unlink(missing_ok=True)
 
 

@@ -38,10 +38,14 @@ def wrapping(on_set: OnSet) -> Callable[[Store], Store]:
     return lambda store: FaultStore(store, on_set)
 
 
-def tear_next_write(keep_bytes: int) -> None:
-    """Let the kernel write at most `keep_bytes` of the next file, then kill this process (SIGXFSZ).
-
-    Files already larger are not touched; only writes past the limit are refused. No core file."""
+def arm_tearing() -> None:
+    """Call once, from the main thread: writing past the file-size limit kills the process (Python
+    ignores SIGXFSZ by default), without a core file."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+
+
+def tear_next_write(keep_bytes: int) -> None:
+    """From any thread: the kernel writes at most `keep_bytes` of the next file written, then kills
+    the process with SIGXFSZ (after `arm_tearing`)."""
     resource.setrlimit(resource.RLIMIT_FSIZE, (max(0, keep_bytes), resource.RLIM_INFINITY))
