@@ -58,8 +58,9 @@ class ArchiveWriter:
         self._pending: list[_Pending] = []  # accepted, not committed; their hidden states are streamed
         self._pending_attrs: dict = {}
         commit = self.attrs["commit"]
-        self._streams = {m: TokenStream(group[f"{m}/{HIDDEN}"], commit[f"{m}_tokens"], _append_along)
-                         for m in MODALITIES}
+        with zarr.config.set({"array.write_empty_chunks": True}):  # an array takes the setting when opened
+            self._streams = {m: TokenStream(group[f"{m}/{HIDDEN}"], commit[f"{m}_tokens"], _append_along)
+                             for m in MODALITIES}
         n = commit["samples"]
         self._ids: set[str] = set(str(x) for x in group[f"{SAMPLES_GROUP}/sample_id"][:n]) if n else set()
 
