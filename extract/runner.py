@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .batching import BatchPreparer, PreparedBatch, PreparedSample, max_positions  # noqa: F401 (re-exported)
+from .batching import BatchPreparer, PreparedBatch, max_positions
 from .data import Sample
 from .errors import ExtractError, ModelError
 from .loading import ModelInfo

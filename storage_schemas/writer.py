@@ -13,7 +13,6 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from .schema import (COMMIT_KEYS, HIDDEN, HIDDEN_DIMS, MODALITIES, ROLE_MEANINGS
                      commit_key_for)
 from .store import is_remote, read_root_attrs
 from .stream import TokenStream
+from .tables import Pending, write_tables
 
 DEFAULT_COMMIT_SAMPLES = 4096  # accepted but uncommitted samples before `append` commits by itself
 
@@ -55,7 +55,7 @@ class ArchiveWriter:
         self.stored_dtype = storage["dtype"]
         self.source_dtype = storage["source_dtype"]
         self.commit_samples = commit_samples
-        self._pending: list[_Pending] = []  # accepted, not committed; their hidden states are streamed
+        self._pending: list[Pending] = []  # accepted, not committed; their hidden states are streamed
         self._pending_attrs: dict = {}
         commit = self.attrs["commit"]
         with zarr.config.set({"array.write_empty_chunks": True}):  # an array takes the setting when opened
@@ -166,7 +166,7 @@ class ArchiveWriter:
             batch_ids.add(rec.sample_id)
         for rec in records:
             self._ids.add(rec.sample_id)
-            self._pending.append(_Pending.of(rec))
+            self._pending.append(Pending.of(rec))
             self._guarded(lambda: (self._streams["vision"].push(rec.vision),
                                    self._streams["text"].push(rec.text_hidden)))
         if len(self._pending) >= self.commit_samples:
@@ -223,7 +223,7 @@ class ArchiveWriter:
         before = self.committed
 
         def write() -> dict:
-            new = _write_tables(self.group, before, records) if records else before
+            new = write_tables(self.group, before, records, _append_along) if records else before
             update = {**self._pending_attrs, "commit": {**new, "generation": before["generation"] + 1}}
             self.group.attrs.update(update)  # the commit point: one atomic replace of zarr.json
             return update
@@ -341,64 +341,3 @@ def _append_along(arr: zarr.Array, axis: int, start: int, values: np.ndarray) ->
         region = [slice(None)] * arr.ndim
         region[axis] = slice(start, start + values.shape[axis])
         arr[tuple(region)] = values
-
-
-@dataclass(frozen=True)
-class _Pending:
-    """An accepted sample without its hidden states (those went to the token streams)."""
-
-    sample_id: str
-    image: str
-    text: str
-    n_vision: int
-    n_text: int
-    vision_position: np.ndarray
-    text_position: np.ndarray
-    text_token_id: np.ndarray
-    text_role: np.ndarray
-    input_ids: np.ndarray
-
-    @classmethod
-    def of(cls, rec: SampleRecord) -> "_Pending":
-        return cls(rec.sample_id, rec.image, rec.text, rec.n_vision, rec.n_text,
-                   *(np.array(x, copy=True) for x in (rec.vision_position, rec.text_position, rec.text_token_id,
-                                                      rec.text_role, rec.input_ids)))
-
-
-def _write_tables(group: zarr.Group, commit: dict, records: list[_Pending]) -> dict:
-    """Write the per-token and per-sample arrays of `records` past the commit record (their hidden
-    states are already on disk); return the record that commits them."""
-    n0, v0, t0, i0 = (commit[k] for k in COMMIT_KEYS)
-    n_vis = np.array([r.n_vision for r in records], dtype=np.int64)
-    n_txt = np.array([r.n_text for r in records], dtype=np.int64)
-    n_inp = np.array([r.input_ids.size for r in records], dtype=np.int64)
-    rows = np.arange(n0, n0 + len(records), dtype=np.int64)
-    token_data = {
-        "vision": {"sample": np.repeat(rows, n_vis),
-                   "position": np.concatenate([r.vision_position for r in records]).astype("int32")},
-        "text": {"sample": np.repeat(rows, n_txt),
-                 "position": np.concatenate([r.text_position for r in records]).astype("int32"),
-                 "token_id": np.concatenate([r.text_token_id for r in records]).astype("int64"),
-                 "role": np.concatenate([r.text_role for r in records]).astype("int8")},
-    }
-    starts = {"vision": v0, "text": t0}
-    for modality, variables in token_data.items():
-        for name, values in variables.items():
-            _append_along(group[f"{modality}/{name}"], 0, starts[modality], values)
-    table = {
-        "sample_id": np.array([r.sample_id for r in records], dtype=object),
-        "image": np.array([r.image for r in records], dtype=object),
-        "text": np.array([r.text for r in records], dtype=object),
-        "vision_offset": v0 + np.concatenate([[0], np.cumsum(n_vis)[:-1]]),
-        "vision_count": n_vis,
-        "text_offset": t0 + np.concatenate([[0], np.cumsum(n_txt)[:-1]]),
-        "text_count": n_txt,
-        "input_offset": i0 + np.concatenate([[0], np.cumsum(n_inp)[:-1]]),
-        "input_length": n_inp,
-    }
-    for name, values in table.items():
-        _append_along(group[f"{SAMPLES_GROUP}/{name}"], 0, n0, values)
-    _append_along(group[f"{SAMPLES_GROUP}/input_ids"], 0, i0,
-                  np.concatenate([r.input_ids.astype(np.int64) for r in records]))
-    return {"samples": n0 + len(records), "vision_tokens": v0 + int(n_vis.sum()),
-            "text_tokens": t0 + int(n_txt.sum()), "input_tokens": i0 + int(n_inp.sum())}
