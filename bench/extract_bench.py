@@ -13,9 +13,14 @@ configs, big enough that compute dominates Python overhead):
                    output_hidden_states=True, output_attentions=True) with eager attention,
                    hidden states copied into CPU lists.
 
-Usage: python bench/extract_bench.py [--samples 24] [--batch-size 8] [--device cpu|cuda]
-       [--dtype float32|bfloat16|float16] [--hidden 512] [--layers 6] [--image-size 336]
-       [--repeats 3] [--compression lz4]
+The default is the long run that shows whether commits stall the forward pass: 1,536 samples of
+varied size (64 image tokens, ~150 text tokens), batch 8, with the default commit policy (about a
+dozen commits; `--commit-every N` for more), one round. The reference procedure runs on the first
+`--reference-samples` of them (it is the slowest, and its rate does not depend on the run length).
+
+Usage: python bench/extract_bench.py [--samples 1536] [--batch-size 8] [--device cpu|cuda]
+       [--dtype float32|bfloat16|float16] [--hidden 512] [--layers 6] [--image-size 112]
+       [--repeats 1] [--compression lz4:1] [--commit-every N] [--reference-samples 96]
 """
 from __future__ import annotations
 
@@ -51,7 +56,7 @@ def make_data(root: Path, n: int, image_size: int, words: int, seed: int = 0) ->
     for i in range(n):
         h, w = int(image_size * rng.uniform(0.7, 1.4)), int(image_size * rng.uniform(0.7, 1.4))
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images / f"{i:04d}.jpg", quality=90)
-        body = " ".join(rng.choice(WORDS, size=words)).capitalize() + "."
+        body = " ".join(rng.choice(WORDS, size=int(rng.integers(words // 2, words * 3 // 2 + 1)))).capitalize() + "."
         (texts / f"{i:04d}.story").write_text(body + "\n\n@highlight\n\nnot used\n")
     return images, texts
 
@@ -65,10 +70,13 @@ def bench_extract(model_dir: Path, images: Path, texts: Path, out: Path, args) -
     t0 = time.perf_counter()
     result = extract(ExtractOptions(model=str(model_dir), out=str(out), images=str(images), texts=str(texts),
                                     batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                                    compression=args.compression, overwrite=True, progress=False))
+                                    compression=args.compression, commit_every=args.commit_every,
+                                    overwrite=True, progress=False))
     wall = time.perf_counter() - t0
+    run = result.attrs["extraction"]["runs"][-1]
     return {"rate": result.samples_per_second, "wall_rate": result.samples_done / wall,
-            "cpu": result.cpu_seconds / result.samples_done, "n": result.samples_done}
+            "cpu": result.cpu_seconds / result.samples_done, "n": result.samples_done,
+            "commits": run["commits"] + 1}  # + the run record's commit
 
 
 def bench_bare(model_dir: Path, images: Path, texts: Path, args) -> dict:
@@ -101,7 +109,7 @@ def bench_bare(model_dir: Path, images: Path, texts: Path, args) -> dict:
 def bench_reference(model_dir: Path, images: Path, texts: Path, args) -> dict:
     """Batch 1, generate(max_new_tokens=1) with hidden states and eager attention maps, CPU lists."""
     info = load_model(str(model_dir), device=args.device, dtype=args.dtype, attn_implementation="eager")
-    samples = from_directories(images, texts).samples
+    samples = from_directories(images, texts).samples[:args.reference_samples]
     preparer = BatchPreparer(info.processor, info.image_token_id, PromptLayout())
     singles = [preparer.prepare([s]) for s in samples]
     param = next(info.model.parameters())
@@ -131,7 +139,7 @@ def bench_reference(model_dir: Path, images: Path, texts: Path, args) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--samples", type=int, default=24)
+    p.add_argument("--samples", type=int, default=1536)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -139,11 +147,13 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--vision-hidden", type=int, default=256)
     p.add_argument("--vision-layers", type=int, default=4)
-    p.add_argument("--image-size", type=int, default=336)
+    p.add_argument("--image-size", type=int, default=112, help="336 gives LLaVA-1.5's 576 image tokens")
     p.add_argument("--patch", type=int, default=14)
-    p.add_argument("--words", type=int, default=120, help="words per text")
+    p.add_argument("--words", type=int, default=120, help="mean words per text (drawn from 0.5x to 1.5x)")
     p.add_argument("--compression", default=None, help="mir extract --compression (default: the format's)")
-    p.add_argument("--repeats", type=int, default=3, help="rounds of extract and bare forward; best reported")
+    p.add_argument("--commit-every", type=int, default=None, help="mir extract --commit-every (default: off)")
+    p.add_argument("--reference-samples", type=int, default=96, help="samples run through the reference")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of extract and bare forward; best reported")
     p.add_argument("--reference-repeats", type=int, default=1, help="rounds of the (slow) reference procedure")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
@@ -202,7 +212,8 @@ def main(argv=None) -> None:
     print(f"device            {device}, dtype {args.dtype}")
     print(f"model             {figures['model']}")
     print(f"samples           {n} (about {seq:.0f} tokens each, {n_vis:.0f} of them vision), batch size "
-          f"{args.batch_size}")
+          f"{args.batch_size}; mir extract committed {rounds['extract'][0]['commits']} times; reference on "
+          f"{min(n, args.reference_samples)} samples")
     print(f"{'method':<34}{'samples/s':>10}")
     print(f"{'bare batched forward (floor)':<34}{bare:>10.2f}")
     print(f"{'mir extract (loop, writes incl.)':<34}{ext_loop:>10.2f}")

@@ -31,7 +31,6 @@ class PreparedBatch:
 
     inputs: dict[str, torch.Tensor]
     samples: list[PreparedSample]
-    seq_len: int
 
 
 class BatchPreparer:
@@ -89,7 +88,7 @@ class BatchPreparer:
             prepared.append(PreparedSample(s, tokens, truncated[i]))
         inputs = {k: v for k, v in enc.items()
                   if isinstance(v, torch.Tensor) and (self._accepts is None or k in self._accepts)}
-        return PreparedBatch(inputs, prepared, int(input_ids.shape[1]))
+        return PreparedBatch(inputs, prepared)
 
 
 def check_prompts(processor: Any, layout: PromptLayout, samples: Sequence[Sample],

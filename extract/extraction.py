@@ -7,7 +7,6 @@ with another model, other settings or other data.
 from __future__ import annotations
 
 import logging
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -17,18 +16,18 @@ from typing import Any, Callable
 import numpy as np
 
 from storage_schemas import ArchiveError, ArchiveWriter, SampleRecord, TextTokenRule, ranges
-from storage_schemas.provenance import json_digest, library_versions
 
 from . import data as data_mod
+from . import provenance
 from .errors import DataError, ExtractError, ResumeError
-from .prompts import RESPONSE_RULE, TRUNCATION_RULE, PromptLayout
+from .prompts import PromptLayout
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ExtractOptions:
-    """Everything `mir extract` can be told; the README (`mir extract`) gives the meaning of each."""
+    """Everything `mir extract` can be told (`mir extract --help` and the README say what each means)."""
 
     model: str
     out: str
@@ -99,13 +98,15 @@ BLOSC_NAMES = ("zstd", "lz4", "lz4hc", "blosclz", "zlib")
 
 
 def parse_compression(spec: str | None) -> dict | None:
-    """'zstd:3', 'lz4', ... -> the writer's codec settings (None keeps the archive default)."""
+    """'none', 'zstd:3', 'lz4', ... -> the writer's codec settings (None keeps the format's default)."""
     if spec is None:
         return None
+    if spec == "none":
+        return {"cname": "none"}
     name, _, level = spec.partition(":")
     if name not in BLOSC_NAMES or (level and not (level.isdigit() and 0 <= int(level) <= 9)):
-        raise ExtractError(f"--compression {spec!r}: use NAME[:LEVEL] with NAME one of {', '.join(BLOSC_NAMES)} "
-                           "and LEVEL 0..9 (e.g. zstd:3, lz4:5)")
+        raise ExtractError(f"--compression {spec!r}: use none, or NAME[:LEVEL] with NAME one of "
+                           f"{', '.join(BLOSC_NAMES)} and LEVEL 0..9 (e.g. zstd:3, lz4:1)")
     return {"cname": name, "clevel": int(level) if level else 5 if name.startswith("lz4") else 3}
 
 
@@ -132,76 +133,6 @@ def sample_list(opts: ExtractOptions) -> data_mod.SampleList:
     return data_mod.from_directories(opts.images, opts.texts, num=opts.num, seed=opts.seed)
 
 
-# ----------------------------------------------------------------------------- provenance
-def _versions() -> dict[str, str | None]:
-    return library_versions(("torch", "transformers", "tokenizers", "pillow", "numpy", "zarr"))
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    return f"{device} ({platform.processor() or platform.machine()})"
-
-
-def _hash(obj: Any) -> str:
-    return "sha256:" + json_digest(obj)
-
-
-def settings(opts: ExtractOptions, layers: list[int], layout: PromptLayout, model_dtype: str) -> dict[str, Any]:
-    """The extraction settings that determine stored content (batch size and device do not)."""
-    return {
-        "layers": layers,
-        "prompt_layout": layout.describe(),
-        "text_token_rule": opts.text_tokens,
-        "response_rule": RESPONSE_RULE,
-        "max_text_tokens": opts.max_text_tokens,
-        "truncation_rule": TRUNCATION_RULE if opts.max_text_tokens is not None else None,
-        "dtype": model_dtype,
-        "padding_side": "right",
-        "forward": "one forward pass per sample, output_hidden_states=True, no generate, no attention maps",
-        "hidden_states_index": "0 = embedding output, 1..L = decoder layers (the last after the final norm)",
-    }
-
-
-def _run_record(opts: ExtractOptions, device: str, n_todo: int) -> dict[str, Any]:
-    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": _device_name(device),
-            "batch_size": opts.batch_size, "samples_planned": n_todo, "host": platform.node(),
-            "library_versions": _versions()}
-
-
-def check_resume(existing: dict[str, Any], wanted: dict[str, Any], path: Path) -> None:
-    """Refuse to append to an archive whose model, settings, data or shard differ from this run's."""
-    problems = []
-    em, wm = existing.get("model", {}), wanted["model"]
-    keys = ["config_hash", "architecture", "dtype", "hidden_size", "num_hidden_layers", "image_token_id"]
-    if em.get("weights_hash") or wm.get("weights_hash"):
-        keys.append("weights_hash")
-    else:
-        keys += ["name_or_path", "revision"]
-    for key in keys:
-        if em.get(key) != wm.get(key):
-            problems.append(f"model.{key}: archive has {em.get(key)!r}, this run has {wm.get(key)!r}")
-    ee, we = existing.get("extraction", {}), wanted["extraction"]
-    if ee.get("settings_hash") != we["settings_hash"]:
-        for key, value in we["settings"].items():
-            if ee.get("settings", {}).get(key) != value:
-                problems.append(f"extraction.{key}: archive has {ee.get('settings', {}).get(key)!r}, "
-                                f"this run has {value!r}")
-        if not problems:
-            problems.append("extraction settings differ")
-    if ee.get("shard") != we.get("shard"):
-        problems.append(f"extraction.shard: archive has {ee.get('shard')!r}, this run has {we.get('shard')!r}")
-    ed, wd = existing.get("dataset", {}), wanted["dataset"]
-    if ed.get("sample_list_hash") != wd["sample_list_hash"]:
-        problems.append("dataset.sample_list_hash: the sample list differs (other files, --num, --seed or "
-                        "manifest)")
-    if problems:
-        raise ResumeError(f"cannot resume {path}: it was made by a different run:\n  " + "\n  ".join(problems)
-                          + "\nUse a new --out, or --overwrite to start over.")
-
-
 # ----------------------------------------------------------------------------- the job
 def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = None,
             model_info: Any = None) -> ExtractResult:
@@ -210,22 +141,12 @@ def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = Non
     `model_info` (a loading.ModelInfo) extracts with a model already in memory, e.g. one being
     trained; `opts.model`, `device`, `dtype` and the loading options are then not used.
     """
-    from . import batching, loading, runner
+    from . import loading, runner
 
     say = on_info or (lambda msg: log.info(msg))
-    try:
-        opts.text_tokens = TextTokenRule.parse(opts.text_tokens).value  # one spelling in the hashed settings
-    except ArchiveError as exc:
-        raise ExtractError(f"--text-tokens: {exc}") from None
-    if opts.batch_size < 1:
-        raise ExtractError("--batch-size must be at least 1")
-    if opts.max_text_tokens is not None and opts.max_text_tokens < 1:
-        raise ExtractError("--max-text-tokens must be at least 1")
-    if opts.resume and opts.overwrite:
-        raise ExtractError("--resume and --overwrite exclude each other")
+    check_options(opts)
     out = Path(opts.out).expanduser().absolute()
     layout = PromptLayout.from_option(opts.template)
-    parse_compression(opts.compression)
     full = sample_list(opts)
     part = full.shard(*opts.shard) if opts.shard else full
     resuming = opts.resume and out.exists()
@@ -242,73 +163,83 @@ def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = Non
                                   trust_remote_code=opts.trust_remote_code, revision=opts.revision,
                                   attn_implementation=opts.attn_implementation)
     layers = parse_layers(opts.layers, info.num_hidden_layers)
-    sett = settings(opts, layers, layout, info.dtype)
-    run_record = _run_record(opts, device, 0)
-    attrs = {
-        "model": info.provenance,
-        "extraction": {
-            "tool": "mir extract",
-            "tool_version": run_record["library_versions"].get("mir-pipeline"),
-            "time": run_record["started"],
-            "prompt_layout": layout.name,
-            "text_token_rule": opts.text_tokens,
-            "settings": sett,
-            "settings_hash": _hash(sett),
-            "shard": {"index": opts.shard[0], "count": opts.shard[1]} if opts.shard else None,
-            "device": run_record["device"],
-            "batch_size": opts.batch_size,
-            "attention_mask": ("omitted: right padding under causal attention makes it redundant"
-                               if runner.drops_attention_mask(info.model) else "passed"),
-            "library_versions": run_record["library_versions"],
-            "runs": [],
-        },
-        "dataset": {
-            "sources": [f"{k}: {v}" for k, v in full.sources.items() if k in ("images", "texts", "manifest")],
-            "selection": {k: v for k, v in full.sources.items() if k not in ("images", "texts", "manifest")},
-            "samples": len(full),
-            "sample_list_hash": full.hash,
-            "shard_samples": len(part),
-            "shard_sample_list_hash": part.hash,
-        },
-    }
-
-    if not resuming:  # cheap (texts only), so even with --no-preflight
-        batching.check_prompts(info.processor, layout, part.samples, opts.max_text_tokens,
-                             batching.max_positions(info.model))
-    if resuming:
-        writer = ArchiveWriter.open_for_append(out)
-        try:
-            check_resume(writer.attrs, attrs, out)
-        except BaseException:
-            writer.abort()
+    run_record = provenance.run_record(opts, device, 0)
+    attrs = provenance.provenance(opts, info, layers, layout, full, part, run_record,
+                                  runner.drops_attention_mask(info.model))
+    writer, todo, base_extraction = open_or_create(opts, out, info, layout, layers, attrs, part, resuming, say)
+    run_record["samples_planned"] = len(todo)
+    try:
+        stats = runner.run(
+            info, todo, layers=layers, batch_size=opts.batch_size, layout=layout,
+            make_record=record_maker(info.dtype), sink=writer, commit_every=opts.commit_every,
+            commit_seconds=opts.commit_seconds, max_text_tokens=opts.max_text_tokens, progress=opts.progress)
+    except BaseException as exc:
+        translated = _translate_failure(exc, writer, out, len(part), resuming, opts.batch_size)
+        if translated is exc:
             raise
+        raise translated from exc
+    run_record.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "samples_done": stats.samples,
+                       "seconds": round(stats.seconds, 3), "truncated": stats.truncated, "commits": stats.commits})
+    extraction = {**base_extraction, "runs": list(base_extraction.get("runs", [])) + [run_record]}
+    writer.update_attrs({"extraction": extraction})
+    writer.close()
+    return ExtractResult(out=out, samples_total=len(part), samples_skipped=len(part) - len(todo),
+                         samples_done=stats.samples, seconds=stats.seconds,
+                         samples_per_second=stats.samples_per_second, truncated=stats.truncated,
+                         cpu_seconds=stats.cpu_seconds, attrs={**attrs, "extraction": extraction})
+
+
+def check_options(opts: ExtractOptions) -> None:
+    """Refuse option values that need no file or model to be found wrong."""
+    try:
+        opts.text_tokens = TextTokenRule.parse(opts.text_tokens).value  # one spelling in the hashed settings
+    except ArchiveError as exc:
+        raise ExtractError(f"--text-tokens: {exc}") from None
+    if opts.batch_size < 1:
+        raise ExtractError("--batch-size must be at least 1")
+    if opts.max_text_tokens is not None and opts.max_text_tokens < 1:
+        raise ExtractError("--max-text-tokens must be at least 1")
+    if opts.resume and opts.overwrite:
+        raise ExtractError("--resume and --overwrite exclude each other")
+    parse_compression(opts.compression)
+
+
+def open_or_create(opts: ExtractOptions, out: Path, info: Any, layout: PromptLayout, layers: list[int],
+                   attrs: dict[str, Any], part: data_mod.SampleList, resuming: bool,
+                   say: Callable[[str], None]) -> tuple[ArchiveWriter, list, dict[str, Any]]:
+    """The writer, the samples still to do and the extraction attributes to extend: a resumed
+    archive is checked against this run first; a new one is created only once the texts pass."""
+    from . import batching
+
+    max_pos = batching.max_positions(info.model)
+    if not resuming:  # cheap (texts only), so even with --no-preflight
+        batching.check_prompts(info.processor, layout, part.samples, opts.max_text_tokens, max_pos)
+        writer = ArchiveWriter.create(out, layers=layers, hidden_size=info.hidden_size, dtype=info.dtype,
+                                      attrs=attrs, overwrite=opts.overwrite, codec=parse_compression(opts.compression))
+        return writer, list(part.samples), dict(attrs["extraction"])
+    writer = ArchiveWriter.open_for_append(out)
+    try:
+        provenance.check_resume(writer.attrs, attrs, out)
         done = set(writer.committed_sample_ids)
         todo = [s for s in part.samples if s.sample_id not in done]
         stray = done - {s.sample_id for s in part.samples}
         if stray:
-            writer.abort()
             raise ResumeError(f"cannot resume {out}: it holds samples not in this run's list, e.g. {sorted(stray)[:3]}")
-        base_extraction = dict(writer.attrs.get("extraction", {}))
         say(f"resuming {out}: {len(done)} of {len(part)} samples already committed")
-        try:
-            if opts.preflight:
-                data_mod.preflight(data_mod.SampleList(tuple(todo), part.sources))
-            batching.check_prompts(info.processor, layout, todo, opts.max_text_tokens,
-                                 batching.max_positions(info.model))
-        except BaseException:
-            writer.abort()
-            raise
-    else:
-        writer = ArchiveWriter.create(out, layers=layers, hidden_size=info.hidden_size, dtype=info.dtype,
-                                      attrs=attrs, overwrite=opts.overwrite, codec=parse_compression(opts.compression))
-        todo = list(part.samples)
-        base_extraction = dict(attrs["extraction"])
-    skipped = len(part) - len(todo)
+        if opts.preflight:
+            data_mod.preflight(data_mod.SampleList(tuple(todo), part.sources))
+        batching.check_prompts(info.processor, layout, todo, opts.max_text_tokens, max_pos)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer, todo, dict(writer.attrs.get("extraction", {}))
 
-    run_record["samples_planned"] = len(todo)
-    stored_dtype = np.float16 if info.dtype == "float16" else np.float32
 
-    def make_record(ps: batching.PreparedSample, vision: np.ndarray, text: np.ndarray) -> SampleRecord:
+def record_maker(model_dtype: str) -> Callable[..., SampleRecord]:
+    """`make_record(prepared, vision, text)` for the run loop, in the archive's stored dtype."""
+    stored_dtype = np.float16 if model_dtype == "float16" else np.float32
+
+    def make_record(ps: Any, vision: np.ndarray, text: np.ndarray) -> SampleRecord:
         t = ps.tokens
         return SampleRecord(
             sample_id=ps.sample.sample_id, image=ps.sample.image_ref, text=ps.sample.text_ref,
@@ -316,36 +247,26 @@ def extract(opts: ExtractOptions, *, on_info: Callable[[str], None] | None = Non
             text_hidden=text.astype(stored_dtype, copy=False), text_position=t.text_position,
             text_token_id=t.text_token_id, text_role=t.text_role, input_ids=t.input_ids)
 
-    try:
-        stats = runner.run(
-            info, todo, layers=layers, batch_size=opts.batch_size, layout=layout, make_record=make_record,
-            append=writer.append, commit=writer.flush, commit_every=opts.commit_every,
-            commit_seconds=opts.commit_seconds, max_text_tokens=opts.max_text_tokens, progress=opts.progress)
-    except BaseException as exc:
-        import torch
+    return make_record
 
-        committed = writer.committed["samples"]
-        writer.abort()
-        if committed == 0 and not resuming:
-            shutil.rmtree(out, ignore_errors=True)  # the empty archive this run created
-            note = f"nothing was written to {out}"
-        else:
-            note = (f"{committed} of {len(part)} samples are committed in {out}; "
-                    f"fix the problem and rerun with --resume to continue")
-        if isinstance(exc, KeyboardInterrupt):
-            raise ExtractError(f"interrupted; {note}") from exc
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            raise ExtractError(f"out of device memory at --batch-size {opts.batch_size}; use a smaller batch "
-                               f"size ({note})") from exc
-        if isinstance(exc, (ExtractError, ArchiveError)):
-            raise type(exc)(f"{exc}\n({note})") from exc
-        raise
-    run_record.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "samples_done": stats.samples,
-                       "seconds": round(stats.seconds, 3), "truncated": stats.truncated})
-    extraction = {**base_extraction, "runs": list(base_extraction.get("runs", [])) + [run_record]}
-    writer.update_attrs({"extraction": extraction})
-    writer.close()
-    return ExtractResult(out=out, samples_total=len(part), samples_skipped=skipped, samples_done=stats.samples,
-                         seconds=stats.seconds, samples_per_second=stats.samples_per_second,
-                         truncated=stats.truncated, cpu_seconds=stats.cpu_seconds,
-                         attrs={**attrs, "extraction": extraction})
+
+def _translate_failure(exc: BaseException, writer: ArchiveWriter, out: Path, n_part: int, resuming: bool,
+                       batch_size: int) -> BaseException:
+    """Release the archive and say what a failed run left behind and how to continue."""
+    import torch
+
+    committed = writer.committed["samples"]
+    writer.abort()
+    if committed == 0 and not resuming:
+        shutil.rmtree(out, ignore_errors=True)  # the empty archive this run created
+        note = f"nothing was written to {out}"
+    else:
+        note = (f"{committed} of {n_part} samples are committed in {out}; "
+                f"fix the problem and rerun with --resume to continue")
+    if isinstance(exc, KeyboardInterrupt):
+        return ExtractError(f"interrupted; {note}")
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return ExtractError(f"out of device memory at --batch-size {batch_size}; use a smaller batch size ({note})")
+    if isinstance(exc, (ExtractError, ArchiveError)):
+        return type(exc)(f"{exc}\n({note})")
+    return exc

@@ -4,9 +4,9 @@ Three stages run at once so the accelerator never waits on Python or disk:
   1. a prefetch thread decodes images, renders prompts and runs the processor for batch k+1;
   2. the main thread runs the forward pass of batch k (forward only: no `generate`, no attention
      maps), gathers the real tokens of the stored layers on the device, and starts an
-     asynchronous device-to-host copy into pinned memory;
+     asynchronous device-to-host copy into pinned memory (transfer.py);
   3. a writer thread waits for that copy, splits it into per-sample records and appends them to
-     the archive (compression and disk writes happen there).
+     the archive, committing as writing.py's policy says (compression and disk writes happen there).
 Queues between the stages are bounded, so memory stays flat however many samples there are.
 
 Padding is on the right: real tokens keep positions 0..n-1 and, attention being causal, never
@@ -21,19 +21,18 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
+from .batching import BatchPreparer, PreparedBatch, max_positions
 from .data import Sample
 from .errors import ExtractError, ModelError
 from .loading import ModelInfo
-from .batching import BatchPreparer, PreparedBatch, PreparedSample, max_positions
 from .prompts import PromptLayout
-
-_STOP = object()
+from .transfer import PinnedPool, gather
+from .writing import STOP, CommitPolicy, MakeRecord, RunStats, Sink, WriterStage
 
 # Model types whose language model is a plain causal decoder. With right padding, a real token's
 # causal window holds only real tokens, so the padding mask changes nothing for them (checked per
@@ -71,82 +70,6 @@ def to_device(inputs: dict[str, torch.Tensor], device: torch.device, dtype: torc
     return out
 
 
-class _PinnedPool:
-    """Reusable pinned host buffers, so each batch's device-to-host copy is asynchronous."""
-
-    def __init__(self):
-        self._free: list[torch.Tensor] = []
-        self._lock = threading.Lock()
-
-    def get(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        with self._lock:
-            for i, buf in enumerate(self._free):
-                if buf.dtype == dtype and buf.numel() >= numel:
-                    return self._free.pop(i)
-        return torch.empty(int(numel * 1.25) + 1, dtype=dtype, pin_memory=True)
-
-    def put(self, buf: torch.Tensor) -> None:
-        with self._lock:
-            self._free.append(buf)
-
-
-@dataclass
-class _Transfer:
-    """Hidden states of one batch on their way to the host."""
-
-    host: torch.Tensor            # (n_layers, n_tokens, hidden) on the CPU, maybe a pinned-buffer view
-    event: Any                    # CUDA event to wait for, or None
-    pooled: torch.Tensor | None   # the pinned buffer to give back
-    batch: PreparedBatch
-
-
-def gather(hidden_states: Sequence[torch.Tensor], layers: Sequence[int], batch: PreparedBatch,
-           pool: _PinnedPool | None) -> _Transfer:
-    """Select the real tokens (vision then text, sample by sample) of the stored layers.
-
-    The selection happens on the device, so only the needed values cross to the host, in one
-    copy per batch.
-    """
-    first = hidden_states[0]
-    bsz, seq, hidden = first.shape
-    flat = []
-    for b, ps in enumerate(batch.samples):
-        flat.append(b * seq + ps.tokens.vision_position)
-        flat.append(b * seq + ps.tokens.text_position)
-    index = torch.from_numpy(np.concatenate(flat)).to(first.device, non_blocking=True)
-    out = torch.empty((len(layers), index.numel(), hidden), dtype=first.dtype, device=first.device)
-    for j, layer in enumerate(layers):
-        torch.index_select(hidden_states[layer].reshape(bsz * seq, hidden), 0, index, out=out[j])
-    if out.device.type == "cpu":
-        return _Transfer(out, None, None, batch)
-    if out.device.type == "cuda" and pool is not None:
-        buf = pool.get(out.numel(), out.dtype)
-        host = buf[: out.numel()].view(out.shape)
-        host.copy_(out, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return _Transfer(host, event, buf, batch)
-    return _Transfer(out.to("cpu"), None, None, batch)
-
-
-@dataclass
-class RunStats:
-    """What a run did, for the log and the benchmark."""
-
-    samples: int = 0
-    batches: int = 0
-    seconds: float = 0.0
-    cpu_seconds: float = 0.0      # CPU time of the whole process (all threads) during the loop
-    truncated: int = 0
-    tokens: int = 0
-    commits: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def samples_per_second(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else float("nan")
-
-
 def _batches(samples: Sequence[Sample], size: int) -> Iterator[list[Sample]]:
     for i in range(0, len(samples), size):
         yield list(samples[i:i + size])
@@ -167,6 +90,51 @@ class _Thread(threading.Thread):
             self.error = exc
 
 
+@dataclass
+class Forward:
+    """The model's forward pass as extraction calls it: device, dtype, kwargs and mask policy."""
+
+    model: Any
+    device: torch.device
+    dtype: torch.dtype
+    kwargs: dict[str, Any]
+    drop_mask: bool
+
+    @classmethod
+    def of(cls, model: Any) -> "Forward":
+        param = next(model.parameters())
+        return cls(model, param.device, param.dtype, forward_kwargs(model), drops_attention_mask(model))
+
+    def hidden_states(self, batch: PreparedBatch, layers: Sequence[int]):
+        inputs = to_device(batch.inputs, self.device, self.dtype)
+        if self.drop_mask:
+            inputs.pop("attention_mask", None)
+        out = self.model(**inputs, **self.kwargs)
+        hidden = out.hidden_states
+        if hidden is None or len(hidden) <= max(layers):
+            n = 0 if hidden is None else len(hidden)
+            raise ModelError(f"the model returned {n} hidden states; layer {max(layers)} was requested")
+        return hidden
+
+
+def _prefetch(preparer: BatchPreparer, samples: Sequence[Sample], batch_size: int, out: queue.Queue,
+              stop: threading.Event) -> None:
+    """The prefetch thread's body: prepared batches into `out` until done or stopped, then STOP."""
+    try:
+        for chunk in _batches(samples, batch_size):
+            if stop.is_set():
+                return
+            item = preparer.prepare(chunk)
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+    finally:
+        out.put(STOP)
+
+
 def run(
     info: ModelInfo,
     samples: Sequence[Sample],
@@ -174,129 +142,68 @@ def run(
     layers: Sequence[int],
     batch_size: int,
     layout: PromptLayout,
-    make_record: Callable[[PreparedSample, np.ndarray, np.ndarray], Any],
-    append: Callable[[list[Any]], None],
-    commit: Callable[[], None],
+    make_record: MakeRecord,
+    sink: Sink,
     commit_every: int | None = None,
     commit_seconds: float = 120.0,
     max_text_tokens: int | None = None,
     progress: bool = True,
     queue_depth: int = 2,
+    host_batches: int = 2,
 ) -> RunStats:
-    """Extract `samples` batch by batch; `append` receives records, `commit` makes them durable.
+    """Extract `samples` batch by batch into `sink` (an ArchiveWriter); return what was done.
 
     `make_record(prepared, vision, text)` builds one archive record from a sample's bookkeeping
-    and its (n_layers, n, hidden) arrays. Commits happen every `commit_every` samples (if given),
-    at least every `commit_seconds`, and at the end. If anything fails, the batches that were
-    completely extracted are still committed before the error propagates, and nothing of a
-    partial batch is.
+    and its (n_layers, n, hidden) arrays; writing.CommitPolicy says when samples are committed.
+    If anything fails, the batches that were completely extracted are still committed before the
+    error propagates, and nothing of a partial batch is. At most `host_batches` batches of hidden
+    states are on the host at once (copied, queued or being written), which bounds host memory.
     """
     from tqdm.auto import tqdm
 
-    model = info.model
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    max_pos = max_positions(model)
+    forward = Forward.of(info.model)
     preparer = BatchPreparer(info.processor, info.image_token_id, layout, max_text_tokens=max_text_tokens,
-                             max_positions=max_pos, accepts=set(inspect.signature(model.forward).parameters))
-    kwargs = forward_kwargs(model)
-    drop_mask = drops_attention_mask(model)
-    pool = _PinnedPool() if device.type == "cuda" else None
+                             max_positions=max_positions(info.model),
+                             accepts=set(inspect.signature(info.model.forward).parameters))
+    pool = PinnedPool() if forward.device.type == "cuda" else None
     stats = RunStats()
     prepared_q: queue.Queue = queue.Queue(maxsize=queue_depth)
-    transfer_q: queue.Queue = queue.Queue(maxsize=queue_depth)
+    transfer_q: queue.Queue = queue.Queue()  # bounded by `on_host`
+    on_host = threading.BoundedSemaphore(host_batches)
     stop = threading.Event()
     bar = tqdm(total=len(samples), unit="sample", disable=not progress, dynamic_ncols=True,
                desc="extract", smoothing=0.1)
-
-    def produce() -> None:
-        try:
-            for chunk in _batches(samples, batch_size):
-                if stop.is_set():
-                    return
-                item = preparer.prepare(chunk)
-                while not stop.is_set():
-                    try:
-                        prepared_q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        finally:
-            prepared_q.put(_STOP)
-
-    def consume() -> None:
-        pending = 0
-        last_commit = time.monotonic()
-        while True:
-            item = transfer_q.get()
-            if item is _STOP:
-                return
-            if item.event is not None:
-                item.event.synchronize()
-            host = item.host
-            if host.dtype == torch.bfloat16:
-                arr = host.float().numpy()      # exact: every bfloat16 is a float32
-            elif item.pooled is not None:
-                arr = host.numpy().copy()       # the pinned buffer goes back to the pool
-            else:
-                arr = host.numpy()
-            if item.pooled is not None:
-                pool.put(item.pooled)
-            records, offset = [], 0
-            for ps in item.batch.samples:
-                nv, nt = ps.tokens.vision_position.size, ps.tokens.text_position.size
-                records.append(make_record(ps, arr[:, offset:offset + nv], arr[:, offset + nv:offset + nv + nt]))
-                offset += nv + nt
-            append(records)
-            stats.samples += len(records)
-            stats.batches += 1
-            stats.tokens += offset
-            stats.truncated += sum(ps.truncated for ps in item.batch.samples)
-            pending += len(records)
-            now = time.monotonic()
-            if (commit_every and pending >= commit_every) or now - last_commit >= commit_seconds:
-                commit()
-                stats.commits += 1
-                pending, last_commit = 0, now
-            bar.update(len(records))
-
-    producer = _Thread(produce, "mir-prefetch")
-    writer = _Thread(consume, "mir-writer")
+    stage = WriterStage(sink, make_record, CommitPolicy(commit_every, commit_seconds), stats, pool, bar.update,
+                        on_host.release)
+    producer = _Thread(lambda: _prefetch(preparer, samples, batch_size, prepared_q, stop), "mir-prefetch")
+    writer = _Thread(lambda: stage.consume(transfer_q), "mir-writer")
     t0, c0 = time.perf_counter(), time.process_time()
     producer.start()
     writer.start()
     failure: BaseException | None = None
     try:
         with torch.inference_mode():
-            while True:
-                item = _get(prepared_q, producer, writer)
-                if item is _STOP:
-                    if producer.error is not None:
-                        raise producer.error
-                    break
-                inputs = to_device(item.inputs, device, dtype)
-                if drop_mask:
-                    inputs.pop("attention_mask", None)
-                out = model(**inputs, **kwargs)
-                hidden_states = out.hidden_states
-                if hidden_states is None or len(hidden_states) <= max(layers):
-                    n = 0 if hidden_states is None else len(hidden_states)
-                    raise ModelError(f"the model returned {n} hidden states; layer {max(layers)} was requested")
+            while (item := _get(prepared_q, writer)) is not STOP:
+                hidden_states = forward.hidden_states(item, layers)
+                if not _acquire(on_host, writer):
+                    break  # the writer failed; its error is raised below
                 transfer = gather(hidden_states, layers, item, pool)
-                del out, hidden_states
-                _put(transfer_q, transfer, writer)
+                del hidden_states
+                transfer_q.put(transfer)
+        if producer.error is not None:
+            raise producer.error
     except BaseException as exc:  # noqa: BLE001 - re-raised below after a clean shutdown
         failure = exc
     finally:
         stop.set()
         _drain(prepared_q)
-        _put(transfer_q, _STOP, writer)
+        _put(transfer_q, STOP, writer)
         writer.join()
         producer.join()
         bar.close()
     if writer.error is not None:
         raise writer.error  # the archive keeps its last commit; the writer's partial batch is dropped
-    commit()  # every batch the writer thread received is complete
+    sink.flush()  # every batch the writer thread received is complete
     stats.commits += 1
     stats.seconds = time.perf_counter() - t0
     stats.cpu_seconds = time.process_time() - c0
@@ -305,7 +212,7 @@ def run(
     return stats
 
 
-def _get(q: queue.Queue, producer: _Thread, writer: _Thread):
+def _get(q: queue.Queue, writer: _Thread):
     while True:
         if writer.error is not None:
             raise ExtractError(f"writing failed: {writer.error}") from writer.error
@@ -313,6 +220,14 @@ def _get(q: queue.Queue, producer: _Thread, writer: _Thread):
             return q.get(timeout=0.2)
         except queue.Empty:
             continue
+
+
+def _acquire(slot: threading.BoundedSemaphore, writer: _Thread) -> bool:
+    """Wait for room on the host; False if the writer died meanwhile."""
+    while not slot.acquire(timeout=0.2):
+        if writer.error is not None or not writer.is_alive():
+            return False
+    return True
 
 
 def _put(q: queue.Queue, item: Any, writer: _Thread) -> None:

@@ -1,9 +1,10 @@
 """The only code that writes archives: create, append in committed batches, recover.
 
-Commit protocol (see README.md, "Growth and crash safety"): for a batch, every array is resized
-and its new region written; then the root attribute `commit` is rewritten in one atomic file
-replace (zarr's LocalStore writes through a temporary file and a rename). Readers trust only the
-commit record, so a crash at any moment leaves the committed prefix intact and readable.
+Commit protocol (see README.md, "Growth and crash safety"): hidden states are written ahead, as
+their shards fill; a commit writes the per-token and per-sample arrays of the samples whose hidden
+states are on disk, then rewrites the root attribute `commit` in one atomic file replace (zarr's
+LocalStore writes through a temporary file and a rename). Readers trust only the commit record, so
+a crash at any moment leaves the committed prefix intact and readable.
 """
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.abc.store import Store
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from .codecs import CHUNKS_PER_SHARD, DEFAULT_CODEC, INDEX_CHUNK, chunk_tokens_for, hidden_compressors, \
+from .codecs import INDEX_CHUNK, chunk_tokens_for, chunks_per_shard_for, hidden_codec, hidden_compressors, \
     index_compressors
 from .lock import WriterLock
 from .records import SampleRecord
@@ -26,16 +28,23 @@ from .schema import (COMMIT_KEYS, HIDDEN, HIDDEN_DIMS, MODALITIES, ROLE_MEANINGS
                      SAMPLES_GROUP, SCHEMA_VERSION, STORED_DTYPE, TOKEN_VARIABLES, ArchiveError, TextRole,
                      commit_key_for)
 from .store import is_remote, local_path, read_root_attrs
+from .stream import TokenStream
+from .tables import Pending, write_tables
 
-DEFAULT_COMMIT_BYTES = 256 * 2**20
-DEFAULT_COMMIT_SAMPLES = 4096
+DEFAULT_COMMIT_SAMPLES = 4096  # accepted but uncommitted samples before `append` commits by itself
 
 
 class ArchiveWriter:
-    """Appends samples to one archive; holds its writer lock while open. Use as a context manager."""
+    """Appends samples to one archive; holds its writer lock while open. Use as a context manager.
+
+    `append` streams hidden states to disk as whole shards fill (stream.py), so disk writes are
+    spread over the run and each shard is written once. `commit` publishes every sample that is
+    already on disk (cheap: only the small per-token and per-sample arrays and the commit record);
+    `flush` also writes the partial boundary shards, so it commits everything accepted.
+    """
 
     def __init__(self, path: Path, group: zarr.Group, lock: WriterLock, *,
-                 commit_bytes: int = DEFAULT_COMMIT_BYTES, commit_samples: int = DEFAULT_COMMIT_SAMPLES):
+                 commit_samples: int = DEFAULT_COMMIT_SAMPLES):
         self.path = path
         self.group = group
         self._lock = lock
@@ -45,20 +54,21 @@ class ArchiveWriter:
         self.hidden_size = int(storage["hidden_size"])
         self.stored_dtype = storage["dtype"]
         self.source_dtype = storage["source_dtype"]
-        self.commit_bytes = commit_bytes
         self.commit_samples = commit_samples
-        self._buffer: list[SampleRecord] = []
-        self._buffered_bytes = 0
+        self._pending: list[Pending] = []  # accepted, not committed; their hidden states are streamed
         self._pending_attrs: dict = {}
-        n = self.attrs["commit"]["samples"]
+        commit = self.attrs["commit"]
+        with zarr.config.set({"array.write_empty_chunks": True}):  # an array takes the setting when opened
+            self._streams = {m: TokenStream(group[f"{m}/{HIDDEN}"], commit[f"{m}_tokens"], _append_along)
+                             for m in MODALITIES}
+        n = commit["samples"]
         self._ids: set[str] = set(str(x) for x in group[f"{SAMPLES_GROUP}/sample_id"][:n]) if n else set()
-        self._committed_ids_order: list[str] | None = None
 
     # ----------------------------------------------------------------- opening
     @classmethod
     def create(cls, path: str | Path, *, layers: Sequence[int], hidden_size: int, dtype: str, attrs: dict,
                overwrite: bool = False, chunk_tokens: int | None = None,
-               chunks_per_shard: int = CHUNKS_PER_SHARD, codec: dict | None = None,
+               chunks_per_shard: int | None = None, codec: dict | None = None,
                **writer_options) -> "ArchiveWriter":
         """Create an empty archive atomically (built beside `path`, then renamed into place)."""
         path = _local_path(path)
@@ -74,6 +84,9 @@ class ArchiveWriter:
             raise ArchiveError(f"layers must be a non-empty list of distinct indices, got {layers}")
         stored = STORED_DTYPE[dtype]
         ct = chunk_tokens or chunk_tokens_for(hidden_size, np.dtype(stored).itemsize)
+        chunks_per_shard = chunks_per_shard or chunks_per_shard_for(len(layers), ct, hidden_size,
+                                                                    np.dtype(stored).itemsize)
+        codec = hidden_codec(dtype, codec)
         tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -84,7 +97,7 @@ class ArchiveWriter:
                 **{k: v for k, v in attrs.items() if k not in ("model", "extraction", "dataset")},
                 "storage": {"dtype": stored, "source_dtype": dtype, "hidden_size": int(hidden_size),
                             "chunk_tokens": ct, "chunks_per_shard": chunks_per_shard,
-                            "codec": {**DEFAULT_CODEC, **(codec or {})}, "created": _now()},
+                            "codec": codec, "created": _now()},
                 "archive_uuid": uuid.uuid4().hex,
                 "commit": {**{k: 0 for k in COMMIT_KEYS}, "generation": 0},
             })
@@ -100,13 +113,18 @@ class ArchiveWriter:
         return cls.open_for_append(path, **writer_options)
 
     @classmethod
-    def open_for_append(cls, path: str | Path, **writer_options) -> "ArchiveWriter":
-        """Open an existing archive for appending: take the lock, roll back any interrupted append."""
+    def open_for_append(cls, path: str | Path, *, wrap_store: Callable[[Store], Store] | None = None,
+                        **writer_options) -> "ArchiveWriter":
+        """Open an existing archive for appending: take the lock, roll back any interrupted append.
+
+        `wrap_store` wraps the LocalStore every write goes through (e.g. a zarr.storage.WrapperStore
+        that injects faults: the tests' seam, so they never patch zarr's internals)."""
         path = _local_path(path)
         attrs = read_root_attrs(str(path))  # raises a clear ArchiveError for non-archives / versions
         lock = WriterLock(path).acquire()
         try:
-            group = zarr.open_group(zarr.storage.LocalStore(path), mode="r+", zarr_format=3)
+            store = zarr.storage.LocalStore(path)
+            group = zarr.open_group(wrap_store(store) if wrap_store else store, mode="r+", zarr_format=3)
             _remove_partial_files(path)
             rolled = _truncate_to_commit(group, attrs["commit"])
             writer = cls(path, group, lock, **writer_options)
@@ -130,56 +148,63 @@ class ArchiveWriter:
         """Merge JSON attributes into the root; they land with the next commit (or flush)."""
         self._pending_attrs.update(attrs)
 
+    @property
+    def pending_samples(self) -> int:
+        """Samples accepted but not yet committed."""
+        return len(self._pending)
+
     def append(self, records: Sequence[SampleRecord]) -> None:
-        """Buffer records; commit when the buffer is large. Duplicate or malformed samples are refused."""
+        """Accept records and stream their hidden states to disk; nothing is committed here (unless
+        `commit_samples` are pending). Duplicate or malformed samples are refused, the whole call."""
+        batch_ids: set[str] = set()
         for rec in records:
             rec.check(n_layers=len(self.layers), hidden_size=self.hidden_size,
                       stored_dtype=self.stored_dtype, source_dtype=self.source_dtype)
-            if rec.sample_id in self._ids:
+            if rec.sample_id in self._ids or rec.sample_id in batch_ids:
                 raise ArchiveError(f"sample {rec.sample_id!r} is already in {self.path} (sample ids must be "
                                    "unique)")
+            batch_ids.add(rec.sample_id)
+        for rec in records:
             self._ids.add(rec.sample_id)
-            self._buffer.append(rec)
-            self._buffered_bytes += rec.vision.nbytes + rec.text_hidden.nbytes
-        if self._buffered_bytes >= self.commit_bytes or len(self._buffer) >= self.commit_samples:
+            self._pending.append(Pending.of(rec))
+            self._guarded(lambda: (self._streams["vision"].push(rec.vision),
+                                   self._streams["text"].push(rec.text_hidden)))
+        if len(self._pending) >= self.commit_samples:
             self.flush()
 
+    def commit(self) -> int:
+        """Commit every accepted sample whose hidden states are already on disk; write no hidden state.
+        Returns the number of samples this committed."""
+        vision = self._streams["vision"].durable - self.attrs["commit"]["vision_tokens"]
+        text = self._streams["text"].durable - self.attrs["commit"]["text_tokens"]
+        k = 0
+        for rec in self._pending:
+            if rec.n_vision > vision or rec.n_text > text:
+                break
+            vision, text, k = vision - rec.n_vision, text - rec.n_text, k + 1
+        if k:
+            self._commit(k)
+        return k
+
     def flush(self) -> None:
-        """Write everything buffered and commit it. On failure the archive keeps its last commit."""
-        if not self._buffer and not self._pending_attrs:
+        """Write everything accepted (the partial boundary shards too) and commit it. On failure the
+        archive keeps its last commit."""
+        if not self._pending and not self._pending_attrs:
             return
-        records, self._buffer, self._buffered_bytes = self._buffer, [], 0
-        before = self.committed
-        try:
-            with zarr.config.set({"array.write_empty_chunks": True}):  # see store.missing_chunk_files
-                new = _write_batch(self.group, before, records) if records else before
-            new = {**new, "generation": before["generation"] + 1}
-            update = {**self._pending_attrs, "commit": new}
-            self.group.attrs.update(update)  # the commit point: one atomic replace of zarr.json
-        except BaseException as exc:
-            for rec in records:
-                self._ids.discard(rec.sample_id)
-            try:
-                _truncate_to_commit(self.group, before)
-            except Exception:  # the next writer rolls back instead
-                pass
-            if isinstance(exc, OSError):
-                raise ArchiveError(f"writing to {self.path} failed ({exc}); the archive still holds its "
-                                   f"{before['samples']} committed samples and nothing of this batch") from exc
-            raise
-        self.attrs.update(update)
-        self._pending_attrs = {}
+        self._guarded(lambda: [stream.flush() for stream in self._streams.values()])
+        self._commit(len(self._pending))
 
     def close(self) -> None:
-        """Commit what is buffered and release the lock."""
+        """Commit what is accepted and release the lock."""
         try:
             self.flush()
         finally:
             self._lock.release()
 
     def abort(self) -> None:
-        """Drop what is buffered and release the lock (the archive keeps its last commit)."""
-        self._buffer, self._buffered_bytes = [], 0
+        """Drop what is not committed and release the lock (the archive keeps its last commit; the
+        next writer rolls back hidden states written past it)."""
+        self._forget_pending()
         self._lock.release()
 
     def __enter__(self) -> "ArchiveWriter":
@@ -190,6 +215,48 @@ class ArchiveWriter:
             self.close()
         else:
             self.abort()
+
+    # ----------------------------------------------------------------- committing
+    def _commit(self, k: int) -> None:
+        """Write the small arrays of the first k pending samples, then the commit record."""
+        records = self._pending[:k]
+        before = self.committed
+
+        def write() -> dict:
+            new = write_tables(self.group, before, records, _append_along) if records else before
+            update = {**self._pending_attrs, "commit": {**new, "generation": before["generation"] + 1}}
+            self.group.attrs.update(update)  # the commit point: one atomic replace of zarr.json
+            return update
+
+        update = self._guarded(write)
+        self.attrs.update(update)
+        self._pending = self._pending[k:]
+        self._pending_attrs = {}
+
+    def _guarded(self, action):
+        """Run a write; on failure roll back to the last commit and say what the archive still holds."""
+        try:
+            with zarr.config.set({"array.write_empty_chunks": True}):  # see store.missing_chunk_files
+                return action()
+        except BaseException as exc:
+            before, dropped = self.committed, len(self._pending)
+            self._forget_pending()
+            try:
+                _truncate_to_commit(self.group, before)
+            except Exception:  # the next writer rolls back instead
+                pass
+            if isinstance(exc, OSError):
+                raise ArchiveError(f"writing to {self.path} failed ({exc}); the archive still holds its "
+                                   f"{before['samples']} committed samples and nothing of the {dropped} "
+                                   "accepted after them") from exc
+            raise
+
+    def _forget_pending(self) -> None:
+        for rec in self._pending:
+            self._ids.discard(rec.sample_id)
+        self._pending = []
+        for modality, stream in self._streams.items():
+            stream.reset(self.attrs["commit"][f"{modality}_tokens"])
 
 
 # --------------------------------------------------------------------- helpers
@@ -205,7 +272,7 @@ def _now() -> str:
 
 
 def _create_modality(root: zarr.Group, modality: str, layers: list[int], hidden_size: int, stored: str,
-                     source: str, ct: int, cps: int, codec: dict | None) -> None:
+                     source: str, ct: int, cps: int, codec: dict) -> None:
     grp = root.create_group(modality)
     token_vars = TOKEN_VARIABLES[modality]
     grp.create_array(
@@ -241,10 +308,15 @@ def _growing_arrays(group: zarr.Group):
         yield group[f"{SAMPLES_GROUP}/{name}"], 0, commit_key_for(SAMPLES_GROUP, name)
 
 
+# zarr's LocalStore writes `<key>.<uuid>.partial`, then renames it into place; the crash tests
+# check that a real interrupted write leaves exactly such a file.
+TEMPORARY_SUFFIX = ".partial"
+
+
 def _remove_partial_files(path: Path) -> None:
-    """Delete temporary files a killed writer left behind (zarr writes `<key>.<uuid>.partial`, then
-    renames). Safe here: the caller holds the writer lock, so no live writer owns them."""
-    for leftover in path.rglob("*.partial"):
+    """Delete temporary files a killed writer left behind. Safe here: the caller holds the writer
+    lock, so no live writer owns them."""
+    for leftover in path.rglob(f"*{TEMPORARY_SUFFIX}"):
         leftover.unlink(missing_ok=True)
 
 
@@ -269,43 +341,3 @@ def _append_along(arr: zarr.Array, axis: int, start: int, values: np.ndarray) ->
         region = [slice(None)] * arr.ndim
         region[axis] = slice(start, start + values.shape[axis])
         arr[tuple(region)] = values
-
-
-def _write_batch(group: zarr.Group, commit: dict, records: list[SampleRecord]) -> dict:
-    """Write one batch's data past the commit record; return the record that would commit it."""
-    n0, v0, t0, i0 = (commit[k] for k in COMMIT_KEYS)
-    n_vis = np.array([r.n_vision for r in records], dtype=np.int64)
-    n_txt = np.array([r.n_text for r in records], dtype=np.int64)
-    n_inp = np.array([np.asarray(r.input_ids).size for r in records], dtype=np.int64)
-    rows = np.arange(n0, n0 + len(records), dtype=np.int64)
-    token_data = {
-        "vision": {HIDDEN: np.concatenate([r.vision for r in records], axis=1),
-                   "sample": np.repeat(rows, n_vis),
-                   "position": np.concatenate([np.asarray(r.vision_position) for r in records]).astype("int32")},
-        "text": {HIDDEN: np.concatenate([r.text_hidden for r in records], axis=1),
-                 "sample": np.repeat(rows, n_txt),
-                 "position": np.concatenate([np.asarray(r.text_position) for r in records]).astype("int32"),
-                 "token_id": np.concatenate([np.asarray(r.text_token_id) for r in records]).astype("int64"),
-                 "role": np.concatenate([np.asarray(r.text_role) for r in records]).astype("int8")},
-    }
-    starts = {"vision": v0, "text": t0}
-    for modality, variables in token_data.items():
-        for name, values in variables.items():
-            _append_along(group[f"{modality}/{name}"], 1 if name == HIDDEN else 0, starts[modality], values)
-    table = {
-        "sample_id": np.array([r.sample_id for r in records], dtype=object),
-        "image": np.array([r.image for r in records], dtype=object),
-        "text": np.array([r.text for r in records], dtype=object),
-        "vision_offset": v0 + np.concatenate([[0], np.cumsum(n_vis)[:-1]]),
-        "vision_count": n_vis,
-        "text_offset": t0 + np.concatenate([[0], np.cumsum(n_txt)[:-1]]),
-        "text_count": n_txt,
-        "input_offset": i0 + np.concatenate([[0], np.cumsum(n_inp)[:-1]]),
-        "input_length": n_inp,
-    }
-    for name, values in table.items():
-        _append_along(group[f"{SAMPLES_GROUP}/{name}"], 0, n0, values)
-    _append_along(group[f"{SAMPLES_GROUP}/input_ids"], 0, i0,
-                  np.concatenate([np.asarray(r.input_ids, dtype=np.int64) for r in records]))
-    return {"samples": n0 + len(records), "vision_tokens": v0 + int(n_vis.sum()),
-            "text_tokens": t0 + int(n_txt.sum()), "input_tokens": i0 + int(n_inp.sum())}

@@ -16,7 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
-import zarr.storage._local as zarr_local
+import zarr
+from fault_stores import FaultStore
 
 import analyze.cache as cache
 from pipelines.cli import main
@@ -26,22 +27,42 @@ mode, _, at = kill.partition(":")
 at = int(at or 0)
 lock = threading.Lock()
 state = {"puts": 0, "renames": 0, "per_tmp": {}, "published": []}
-real_put = zarr_local._put
 
 
 def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def put(path, value, exclusive=False):
-    tmp = next((part for part in Path(path).parts if part.startswith(".tmp-")), None)
+def before_write(path: Path) -> None:
+    tmp = next((part for part in path.parts if part.startswith(".tmp-")), None)
     if tmp is not None:
         with lock:  # zarr writes chunks from several threads
             state["puts"] += 1
             state["per_tmp"][tmp] = state["per_tmp"].get(tmp, 0) + 1
             if mode == "put" and state["puts"] == at:
                 _die()
-    return real_put(path, value, exclusive)
+
+
+class _Storage:
+    """zarr.storage as analyze.cache sees it: a LocalStore comes wrapped in a FaultStore (zarr's public
+    WrapperStore seam), which sees every file write."""
+
+    def __getattr__(self, name):
+        return getattr(zarr.storage, name)
+
+    @staticmethod
+    def LocalStore(root, **kwargs):  # noqa: N802 - zarr's name
+        store = zarr.storage.LocalStore(root, **kwargs)
+        return FaultStore(store, lambda key, value: before_write(Path(store.root) / key))
+
+
+class _Zarr:
+    """The zarr module as analyze.cache sees it, with the storage above."""
+
+    storage = _Storage()
+
+    def __getattr__(self, name):
+        return getattr(zarr, name)
 
 
 class _OS:
@@ -63,7 +84,7 @@ class _OS:
         os.rename(src, dst)
 
 
-zarr_local._put = put
+cache.zarr = _Zarr()
 cache.os = _OS()
 try:
     main(sys.argv[2:], standalone_mode=False)

@@ -7,14 +7,17 @@ PLAN: {"args": [extract arguments without --out], "scenarios": [{"name", "hook",
 torch, transformers and the model's classes are imported once here, before any tensor work, and
 every scenario runs in a fork, so each costs a model load and a partial run (~0.3 s) instead of a
 fresh interpreter (~3 s). The hooks only
-decide *when* the process dies; the extraction and writer code run unchanged:
+decide *when* the process dies; the extraction and writer code run unchanged. Store writes are
+watched through a zarr WrapperStore (fault_stores.py), never by patching zarr:
 
   before_append  the k-th batch reaches the archive writer (nothing of it written yet)
   after_commit   the k-th commit has returned (between batches)
   write          just before the k-th array write of the run (inside a batch's data writes)
-  torn_chunk     the k-th hidden-state shard write: half of it is in zarr's temporary file
+  torn_chunk     the k-th hidden-state shard write is cut by the kernel half-way (a real torn
+                 temporary file; the process dies of SIGXFSZ)
   commit_before  the k-th commit is about to replace the root zarr.json (the commit record)
-  commit_unrenamed  the k-th new root zarr.json is fully written to its temporary file, not renamed
+  commit_unrenamed  the k-th new root zarr.json is being written to its temporary file and the
+                 kernel cuts it one byte short: it is never renamed into place (SIGXFSZ)
 
 Each child appends "committed N" to its log after every commit that returned, so the parent knows
 exactly what was durable when it died.
@@ -26,10 +29,9 @@ import os
 import signal
 import sys
 import time
-import uuid
 from pathlib import Path
 
-import zarr.storage._local as zarr_local
+from fault_stores import arm_tearing, tear_next_write, wrapping
 
 import extract.extraction  # what `mir extract` imports lazily: imported once here, before forking
 import extract.runner  # noqa: F401  (torch)
@@ -46,10 +48,10 @@ def _die() -> None:
 
 
 def _install(hook: str, at: int, out: Path, log_fd: int) -> None:
-    counts = {"append": 0, "flush": 0, "write": 0, "chunk": 0, "commit_put": 0}
-    in_flush = {"on": False}
-    real_append, real_flush = ArchiveWriter.append, ArchiveWriter.flush
-    real_append_along, real_put = writer_module._append_along, zarr_local._put
+    counts = {"append": 0, "commit": 0, "write": 0, "chunk": 0, "commit_put": 0}
+    in_commit = {"on": False}
+    real_append, real_commit, real_open = ArchiveWriter.append, ArchiveWriter._commit, ArchiveWriter.open_for_append
+    real_append_along = writer_module._append_along
 
     def append(self, records):
         counts["append"] += 1
@@ -57,15 +59,15 @@ def _install(hook: str, at: int, out: Path, log_fd: int) -> None:
             _die()
         return real_append(self, records)
 
-    def flush(self):
-        in_flush["on"] = True
+    def commit(self, k):
+        in_commit["on"] = True
         try:
-            real_flush(self)
+            real_commit(self, k)
         finally:
-            in_flush["on"] = False
-        counts["flush"] += 1
+            in_commit["on"] = False
+        counts["commit"] += 1
         os.write(log_fd, f"committed {self.committed['samples']}\n".encode())
-        if hook == "after_commit" and counts["flush"] == at:
+        if hook == "after_commit" and counts["commit"] == at:
             _die()
 
     def append_along(*args, **kwargs):
@@ -74,28 +76,26 @@ def _install(hook: str, at: int, out: Path, log_fd: int) -> None:
             _die()
         return real_append_along(*args, **kwargs)
 
-    def put(path, value, exclusive=False):
-        path = Path(path)
-        if hook == "torn_chunk" and "/hidden/c/" in str(path):
+    def on_set(key, value):
+        if hook == "torn_chunk" and "/hidden/c/" in key:
             counts["chunk"] += 1
             if counts["chunk"] == at:
-                data = value.as_buffer_like()
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.with_suffix(f".{uuid.uuid4().hex}.partial").write_bytes(bytes(data[: len(data) // 2]))
-                _die()
-        if in_flush["on"] and path == out / "zarr.json":
+                tear_next_write(len(value) // 2)
+        if in_commit["on"] and key == "zarr.json":
             counts["commit_put"] += 1
             if counts["commit_put"] == at:
                 if hook == "commit_before":
                     _die()
                 if hook == "commit_unrenamed":
-                    path.with_suffix(f".{uuid.uuid4().hex}.partial").write_bytes(bytes(value.as_buffer_like()))
-                    _die()
-        return real_put(path, value, exclusive)
+                    tear_next_write(len(value) - 1)
 
-    ArchiveWriter.append, ArchiveWriter.flush = append, flush
+    def open_for_append(path, **options):
+        return real_open(path, wrap_store=wrapping(on_set), **options)
+
+    arm_tearing()
+    ArchiveWriter.append, ArchiveWriter._commit = append, commit
+    ArchiveWriter.open_for_append = staticmethod(open_for_append)
     writer_module._append_along = append_along
-    zarr_local._put = put
 
 
 def _preload(model: str) -> None:

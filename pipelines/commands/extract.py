@@ -42,13 +42,14 @@ def _fail(exc: Exception) -> click.ClickException:
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub (off by default).")
 @click.option("--revision", help="Hub revision (branch, tag or commit).")
 @click.option("--attn-implementation", help="e.g. sdpa, flash_attention_2, eager (default: transformers' choice).")
-@click.option("--commit-every", type=click.IntRange(min=1), help="Commit after this many samples "
-              "(default: every 120 s and when 256 MiB are buffered).")
-@click.option("--compression", help="Blosc compressor of the hidden states, NAME[:LEVEL] (zstd, lz4, lz4hc, "
-              "blosclz, zlib); default: the archive format's zstd:3. lz4 writes several times faster.")
+@click.option("--commit-every", type=click.IntRange(min=1), help="Also commit everything after this many "
+              "samples (default: samples are committed as their hidden states reach disk, at least every 120 s).")
+@click.option("--compression", help="Compressor of the hidden states: none, or Blosc NAME[:LEVEL] (zstd, lz4, "
+              "lz4hc, blosclz, zlib); default: none for float16/float32, lz4:1 with byte shuffle for bfloat16.")
 @click.option("--no-preflight", is_flag=True, help="Skip decoding every input before the run starts.")
 @click.option("--dry-run", is_flag=True,
-              help="Check inputs and model, print the plan and size estimate, write nothing.")
+              help="Check inputs and model; print the plan, archive size, host memory and the write time at "
+                   "the disk speed measured at --out; write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(model, out, images, texts, manifest, num, seed, batch_size, device, dtype, layers, template, text_tokens,
             max_text_tokens, resume, overwrite, shard, trust_remote_code, revision, attn_implementation,
