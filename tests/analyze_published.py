@@ -1,0 +1,197 @@
+"""Checks every number `mir analyze` / `mir stats` publish (JSON, netCDF, the printed tables) against
+the independent float64 implementation in analyze_reference.py.
+
+`PUBLISHED_LAYER` / `PUBLISHED_MODALITY` list the per-layer fields and how each is compared; a field
+the analysis publishes that is not listed here fails `check_document`, so a new number cannot be
+published untested.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import xarray as xr
+from analyze_reference import bootstrap_numbers, layer_numbers
+
+FD_RTOL = 1e-5  # float32 Gram products on centred data
+EXACT, RAW, FD_SHARE, COSINE, SPECTRUM, CONDITION, PASSES, NEGATIVE = (
+    "exact", "raw", "fd-share", "cosine", "spectrum", "condition", "passes", "negative")
+
+PUBLISHED_LAYER = {"layer": EXACT, "fd": SPECTRUM, "fd_mean_term": FD_SHARE, "fd_covariance_term": FD_SHARE,
+                   "trace_sqrt": SPECTRUM, "scale": RAW, "route": EXACT, "centroid_cosine": COSINE,
+                   "negative_eigenvalue_mass": NEGATIVE}
+PUBLISHED_MODALITY = {"tokens": EXACT, "outliers": EXACT, "norm_mean": RAW, "norm_median": RAW, "norm_std": RAW,
+                      "outlier_threshold": RAW, "tokens_per_channel": RAW, "total_variance": SPECTRUM,
+                      "effective_rank": SPECTRUM, "leading_eigenvalues": SPECTRUM, "numerical_rank": EXACT,
+                      "condition_number": CONDITION, "data_passes": PASSES}
+PUBLISHED_TOP = {"mir", "mode", "n_samples", "n_vision_tokens", "n_text_tokens", "layers", "bootstrap", "warnings",
+                 "settings", "cache", "elapsed_s", "versions"}
+
+
+def reference_inputs(selection) -> list[tuple]:
+    """(vision, vision token samples, text, text token samples) of every selected layer, read in full."""
+    vs, ts = selection.vision["sample"].values, selection.text["sample"].values
+    return [(np.asarray(selection.vision.data[i].compute()), vs, np.asarray(selection.text.data[i].compute()), ts)
+            for i in range(len(selection.layers))]
+
+
+def reference_document(selection, bootstrap: dict | None = None) -> dict:
+    """What the JSON should say. `bootstrap`: {"replicates", "seed", "blocks"} when one was asked for."""
+    inputs = reference_inputs(selection)
+    layers = [layer_numbers(v, t, int(layer)) for layer, (v, _, t, _) in zip(selection.layers, inputs)]
+    doc = {"mir": math.log10(sum(r["fd"] for r in layers)), "n_samples": len(selection.sample_index),
+           "n_vision_tokens": len(inputs[0][0]), "n_text_tokens": len(inputs[0][2]), "layers": layers}
+    if bootstrap:
+        doc["bootstrap"] = bootstrap_numbers(inputs, selection.sample_index, bootstrap["blocks"],
+                                             bootstrap["replicates"], bootstrap["seed"])
+    return doc
+
+
+def _close(kind: str, got, want, fd: float, where: str) -> None:
+    if kind == EXACT:
+        assert got == want, (where, got, want)
+    elif kind == RAW:  # float64 from exact squares of stored values
+        assert math.isclose(got, want, rel_tol=1e-10), (where, got, want)
+    elif kind == FD_SHARE:  # a part of FD: relative to FD, which may be far larger
+        assert abs(got - want) <= FD_RTOL * (abs(want) + abs(fd)), (where, got, want)
+    elif kind == COSINE:
+        assert abs(got - want) <= 1e-6, (where, got, want)
+    elif kind == SPECTRUM:
+        g, w = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        assert g.shape == w.shape and (np.isnan(g) == np.isnan(w)).all(), (where, got, want)
+        scale = np.nanmax(np.abs(w))
+        assert np.all(np.abs(g - w)[~np.isnan(w)] <= FD_RTOL * scale), (where, got, want)
+    elif kind == CONDITION:  # LAPACK's 1-norm estimate: a lower bound, within a small factor; JSON null: inf
+        got = math.inf if got is None else got
+        assert (math.isinf(got) and math.isinf(want)) or 0.3 * want <= got <= want * (1 + 1e-3), (where, got, want)
+    elif kind == PASSES:
+        assert got in (1, 2, 3, 4), (where, got)
+    else:
+        raise AssertionError(f"no comparison named {kind}")
+
+
+def check_layers(got_layers: list[dict], ref_layers: list[dict]) -> None:
+    """Every published per-layer number equals the reference; every published field is known here."""
+    assert [g["layer"] for g in got_layers] == [r["layer"] for r in ref_layers]
+    for got, ref in zip(got_layers, ref_layers):
+        assert set(got) == set(PUBLISHED_LAYER) | {"vision", "text"}, sorted(set(got) ^ set(PUBLISHED_LAYER))
+        for name, kind in PUBLISHED_LAYER.items():
+            if kind == NEGATIVE:
+                scale = got["vision"]["total_variance"] + got["text"]["total_variance"]
+                assert 0 <= got[name] <= 1e-6 * scale, (got["layer"], name, got[name])
+            else:
+                _close(kind, got[name], ref[name], ref["fd"], f"layer {got['layer']} {name}")
+        for m in ("vision", "text"):
+            assert set(got[m]) == set(PUBLISHED_MODALITY), sorted(set(got[m]) ^ set(PUBLISHED_MODALITY))
+            for name, kind in PUBLISHED_MODALITY.items():
+                _close(kind, got[m][name], ref[m].get(name), ref["fd"], f"layer {got['layer']} {m} {name}")
+
+
+def check_bootstrap(got: dict, ref: dict) -> None:
+    for name in ("replicates", "seed", "blocks", "level"):
+        assert got[name] == ref[name], (name, got[name], ref[name])
+    np.testing.assert_allclose(got["mir_replicates"], ref["mir_replicates"], rtol=0, atol=1e-5)
+    for name in ("ci_low", "ci_high", "std"):
+        assert abs(got[name] - ref[name]) <= 1e-5 * max(1.0, abs(ref[name])), (name, got[name], ref[name])
+    assert got["approximation"]
+
+
+def check_document(doc: dict, ref: dict, *, mode: str = "exact") -> None:
+    """The whole JSON of `mir analyze` / `mir stats`."""
+    assert set(doc) == PUBLISHED_TOP, sorted(set(doc) ^ PUBLISHED_TOP)
+    assert abs(doc["mir"] - ref["mir"]) <= 1e-6 and doc["mode"] == mode
+    for name in ("n_samples", "n_vision_tokens", "n_text_tokens"):
+        assert doc[name] == ref[name], (name, doc[name], ref[name])
+    check_layers(doc["layers"], ref["layers"])
+    if "bootstrap" in ref:
+        check_bootstrap(doc["bootstrap"], ref["bootstrap"])
+    else:
+        assert doc["bootstrap"] is None
+    layers = [r["layer"] for r in ref["layers"]]
+    assert doc["settings"]["layers"] == layers and doc["settings"]["mode"] == mode
+    assert doc["elapsed_s"] >= 0 and doc["versions"]["numpy"] == np.__version__
+    warned = {(int(m.group(1)), m.group(2)) for w in doc["warnings"]
+              for m in [re.match(r"layer (\d+): fewer (.*) tokens than channels", w)] if m}
+    expected = {(r["layer"], " and ".join(m for m in ("vision", "text") if r[m]["tokens_per_channel"] < 1))
+                for r in ref["layers"]} - {(r["layer"], "") for r in ref["layers"]}
+    assert warned == expected, (warned, expected)
+    assert any("N >= 20" in w for w in doc["warnings"]) == (ref["n_samples"] < 20)
+
+
+def layers_from_dataset(ds: xr.Dataset) -> list[dict]:
+    """The netCDF's per-layer variables in the JSON's shape; every variable must have a known name."""
+    out = []
+    for i, layer in enumerate(ds["layer"].values):
+        row = {"layer": int(layer), "vision": {}, "text": {}}
+        for name, var in ds.data_vars.items():
+            assert name in PUBLISHED_LAYER or name in PUBLISHED_MODALITY, f"netCDF variable {name!r} is not checked"
+            if var.dims == ("layer",):
+                value = var.values[i]
+                row[name] = value.decode() if isinstance(value, bytes) else value.item()
+            else:
+                for j, m in enumerate(ds["modality"].values.astype(str)):
+                    value = var.values[i, j]
+                    row[m][name] = value.item() if np.ndim(value) == 0 else value
+        out.append(row)
+    return out
+
+
+def check_dataset(ds: xr.Dataset, ref: dict) -> None:
+    check_layers(layers_from_dataset(ds), ref["layers"])
+    assert abs(ds.attrs["mir"] - ref["mir"]) <= 1e-6 and ds.attrs["n_samples"] == ref["n_samples"]
+    assert ds.attrs["n_vision_tokens"] == ref["n_vision_tokens"] and ds.attrs["n_text_tokens"] == ref["n_text_tokens"]
+    if "bootstrap" in ref:
+        b = ref["bootstrap"]
+        assert abs(ds.attrs["mir_ci_low"] - b["ci_low"]) <= 1e-5 and abs(ds.attrs["mir_ci_high"] - b["ci_high"]) <= 1e-5
+        assert ds.attrs["bootstrap_replicates"] == b["replicates"]
+
+
+def _num(text: str) -> float:
+    return math.nan if text == "nan" else float(text)
+
+
+def check_analyze_table(text: str, ref: dict) -> None:
+    """The table `mir analyze` prints: MIR, and per layer FD, its two terms, the scale and the outliers."""
+    assert abs(float(re.search(r"MIR = (\S+)", text).group(1)) - ref["mir"]) <= 2e-6
+    if "bootstrap" in ref:
+        low, high = re.search(r"95% CI \[(\S+), (\S+)\]", text).groups()
+        assert abs(float(low) - ref["bootstrap"]["ci_low"]) <= 2e-5
+        assert abs(float(high) - ref["bootstrap"]["ci_high"]) <= 2e-5
+    rows = {int(p[0]): p for p in (line.split() for line in text.splitlines()) if p and p[0].isdigit()}
+    assert sorted(rows) == [r["layer"] for r in ref["layers"]]
+    for r in ref["layers"]:
+        p = rows[r["layer"]]
+        for got, want in zip(p[1:5], (r["fd"], r["fd_mean_term"], r["fd_covariance_term"], r["scale"])):
+            assert abs(_num(got) - want) <= 1e-4 * abs(want) + FD_RTOL * r["fd"], (p, want)
+        assert p[5] == f"{r['vision']['outliers']}/{r['text']['outliers']}" and p[6] == r["route"]
+
+
+def check_stats_table(text: str, ref: dict) -> None:
+    """The table `mir stats` prints: per modality the norms, outliers, variance, rank, top eigenvalue,
+    condition number; per layer the scale, FD and its terms and the centroid cosine."""
+    by_layer = {r["layer"]: r for r in ref["layers"]}
+    seen, layer = set(), None
+    for line in text.splitlines()[2:]:
+        p = line.split()
+        if p[0] == "cross":
+            r = by_layer[layer]
+            m = re.search(r"scale a (\S+); FD (\S+) = mean term (\S+) \+ covariance term (\S+); centroid cosine (\S+)",
+                          line)
+            for got, want in zip(m.groups()[:4], (r["scale"], r["fd"], r["fd_mean_term"], r["fd_covariance_term"])):
+                assert abs(float(got) - want) <= 1e-4 * abs(want) + FD_RTOL * r["fd"], (line, want)
+            assert abs(float(m.group(5)) - r["centroid_cosine"]) <= 1e-4, line
+            seen.add((layer, "cross"))
+            continue
+        layer, mod = int(p[0]), p[1]
+        want = by_layer[layer][mod]
+        assert int(p[2]) == want["tokens"] and int(p[6]) == want["outliers"], line
+        for got, name in zip((p[3], p[4], p[5], p[7]), ("norm_mean", "norm_median", "norm_std", "total_variance")):
+            assert math.isclose(_num(got), want[name], rel_tol=1e-4), (line, name)
+        assert abs(float(p[8]) - want["effective_rank"]) <= 0.006, line
+        assert math.isclose(_num(p[9]), want["leading_eigenvalues"][0], rel_tol=1e-4), line
+        cond = _num(p[10])
+        assert (math.isinf(want["condition_number"]) and math.isnan(cond)) or \
+            0.3 * want["condition_number"] <= cond <= 1.001 * want["condition_number"], line
+        seen.add((layer, mod))
+    assert seen == {(r["layer"], m) for r in ref["layers"] for m in ("vision", "text", "cross")}
