@@ -19,6 +19,7 @@ import xarray as xr
 
 from . import bootstrap as boot
 from .cache import StatsCache
+from .config import ReadConfig
 from .engine import STATS_VERSION, compute_stats, sample_blocks
 from .errors import AnalysisError
 from .frechet import SQRT_MODES
@@ -40,6 +41,7 @@ class AnalysisOptions:
     cache: bool = True
     cache_dir: str | None = None
     memory_limit: int | None = None  # bytes; None = half the machine's memory
+    reads: ReadConfig = field(default_factory=ReadConfig)  # how much the one-read scan guesses (never results)
 
     def validate(self) -> None:
         if self.mode not in SQRT_MODES:
@@ -149,10 +151,10 @@ def _cache_key(selection, layer: int, blocks: int, precision: str) -> dict:
             "precision": precision}
 
 
-def _group_stats(selection, group: list[int], blocks: int, precision: str, cache: StatsCache | None,
+def _group_stats(selection, group: list[int], blocks: int, options: AnalysisOptions, cache: StatsCache | None,
                  runner: Runner, hits: list[int]) -> dict:
     """Sufficient statistics of a group of layers: from the cache where present, else computed and cached."""
-    keys = {layer: _cache_key(selection, layer, blocks, precision) for layer in group}
+    keys = {layer: _cache_key(selection, layer, blocks, options.precision) for layer in group}
     stats = {}
     if cache is not None:
         for layer in group:
@@ -162,7 +164,8 @@ def _group_stats(selection, group: list[int], blocks: int, precision: str, cache
                 hits.append(layer)
     missing = [layer for layer in group if layer not in stats]
     if missing:
-        for layer, st in compute_stats(selection, missing, blocks=blocks, precision=precision, runner=runner).items():
+        for layer, st in compute_stats(selection, missing, blocks=blocks, precision=options.precision,
+                                        runner=runner, config=options.reads).items():
             if cache is not None:
                 cache.store(keys[layer], st)
             stats[layer] = st
@@ -188,7 +191,7 @@ def analyze_selection(selection, options: AnalysisOptions | None = None, *, runn
     cache = StatsCache.for_archive(selection.archive, options.cache_dir) if options.cache else None
     summaries, fd_reps, hits = {}, {}, []
     for group in layer_groups(selection, layers, blocks, runner.workers, options.memory_limit):
-        stats = _group_stats(selection, group, blocks, options.precision, cache, runner, hits)
+        stats = _group_stats(selection, group, blocks, options, cache, runner, hits)
         found = runner.map(lambda st: layer_summary(st, options.mode), [stats[layer] for layer in group])
         summaries.update(zip(group, found))
         if weights is not None:
