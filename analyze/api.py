@@ -9,22 +9,22 @@ from __future__ import annotations
 
 import logging
 import math
-import platform
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 
 import numpy as np
-import xarray as xr
+from storage_schemas import open_archive
 
 from . import bootstrap as boot
 from .cache import StatsCache
 from .config import ReadConfig
+from .dataset import AnalysisResult, result_attrs, to_dataset
 from .engine import STATS_VERSION, compute_stats, sample_blocks
 from .errors import AnalysisError
 from .frechet import SQRT_MODES
-from .results import layer_summary, to_dataset
+from .results import layer_summary
 from .runner import Runner
+from .select import parse_layers, resolve_samples
 
 log = logging.getLogger(__name__)
 MIN_STABLE_SAMPLES = 20  # the MIR paper (Table 6) reports MIR stable from N >= 20
@@ -48,58 +48,6 @@ class AnalysisOptions:
             raise AnalysisError(f"unknown --sqrt mode {self.mode!r}; choose one of {', '.join(SQRT_MODES)}")
         if self.bootstrap < 0 or self.blocks < 1:
             raise AnalysisError("--bootstrap and --bootstrap-blocks must be positive")
-
-
-@dataclass
-class AnalysisResult:
-    mir: float
-    mode: str
-    dataset: xr.Dataset
-    layers: list[dict]
-    n_samples: int
-    n_vision_tokens: int
-    n_text_tokens: int
-    settings: dict
-    bootstrap: dict | None = None
-    warnings: list[str] = field(default_factory=list)
-    cache: dict = field(default_factory=dict)
-    elapsed_s: float = 0.0
-
-    def to_json(self) -> dict:
-        layers = []
-        for s in self.layers:
-            row = {k: v for k, v in s.items() if k not in ("vision", "text")}
-            for m in ("vision", "text"):
-                row[m] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in s[m].items()}
-            layers.append(_json_safe(row))
-        return _json_safe({
-            "mir": self.mir, "mode": self.mode, "n_samples": self.n_samples, "n_vision_tokens": self.n_vision_tokens,
-            "n_text_tokens": self.n_text_tokens, "layers": layers, "bootstrap": self.bootstrap,
-            "warnings": self.warnings, "settings": self.settings, "cache": self.cache, "elapsed_s": self.elapsed_s,
-            "versions": versions(),
-        })
-
-
-def _json_safe(obj):
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("mir-pipeline", "numpy", "scipy", "dask", "distributed", "zarr", "xarray"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def _memory_plan(selection, workers: int, memory_limit: int | None) -> tuple[int, int]:
@@ -172,6 +120,20 @@ def _group_stats(selection, group: list[int], blocks: int, options: AnalysisOpti
     return stats
 
 
+def analyze_archives(locations: list[str] | str, *, layers: str | None = None, samples: str | None = None,
+                     where: str | None = None, text_tokens: str = "after-image",
+                     options: AnalysisOptions | None = None, runner: Runner | None = None,
+                     storage_options: dict | None = None) -> AnalysisResult:
+    """The library entry point of `mir analyze` / `mir stats` / `mir study`: open the archive (parts read
+    as one), select samples and layers from their text form (select.py), and analyse. Raises
+    AnalysisError / storage_schemas.ArchiveError with a message for the user."""
+    archive = open_archive(list(locations) if isinstance(locations, (list, tuple)) else locations, storage_options)
+    rows = resolve_samples(archive, samples, where)
+    chosen = parse_layers(layers, archive.layers)
+    selection = archive.select(samples=rows, layers=chosen, text_tokens=text_tokens)
+    return analyze_selection(selection, options, runner=runner)
+
+
 def analyze_selection(selection, options: AnalysisOptions | None = None, *, runner: Runner | None = None,
                       layers: list[int] | None = None) -> AnalysisResult:
     """MIR of a Selection (storage_schemas), computed out of core; see MIR_SPEC for the definition."""
@@ -203,50 +165,41 @@ def analyze_selection(selection, options: AnalysisOptions | None = None, *, runn
     settings = {**asdict(options), "layers": layers, "blocks_kept": blocks, "text_tokens": selection.text_tokens,
                 "archive": selection.archive.paths, "archive_fingerprint": selection.archive.fingerprint,
                 "selection": selection.key, "scheduler": runner.describe()}
-    result = AnalysisResult(
-        mir=mir, mode=options.mode, dataset=None, layers=ordered, n_samples=n_samples,
-        n_vision_tokens=int(selection.vision.sizes["token"]), n_text_tokens=int(selection.text.sizes["token"]),
-        settings=settings,
-        cache={"location": str(cache.directory) if cache else None, "layers_reused": hits},
-    )
+    summary = None
     if weights is not None:
-        result.bootstrap = boot.summarize(np.stack([fd_reps[layer] for layer in layers], axis=1), options.seed,
-                                          blocks)
-    result.warnings = _warnings(result, total)
+        summary = boot.summarize(np.stack([fd_reps[layer] for layer in layers], axis=1), options.seed, blocks)
+    attrs = result_attrs(mir=mir, mode=options.mode, n_samples=n_samples,
+                         n_vision_tokens=int(selection.vision.sizes["token"]),
+                         n_text_tokens=int(selection.text.sizes["token"]), settings=settings, bootstrap=summary)
+    dataset = to_dataset(ordered, attrs, None if summary is None else summary["mir_replicates"])
+    result = AnalysisResult(dataset, settings,
+                            cache={"location": str(cache.directory) if cache else None, "layers_reused": hits})
+    result.warnings = _warnings(dataset, total)
     result.elapsed_s = time.perf_counter() - start
-    result.dataset = to_dataset(ordered, _dataset_attrs(result))
     return result
 
 
-def _dataset_attrs(result: AnalysisResult) -> dict:
-    import json
-    attrs = {"mir": result.mir, "sqrt_mode": result.mode, "n_samples": result.n_samples,
-             "n_vision_tokens": result.n_vision_tokens, "n_text_tokens": result.n_text_tokens,
-             "settings": json.dumps(_json_safe(result.settings)), "versions": json.dumps(versions())}
-    if result.bootstrap:
-        attrs.update({"mir_ci_low": result.bootstrap["ci_low"], "mir_ci_high": result.bootstrap["ci_high"],
-                      "bootstrap_replicates": result.bootstrap["replicates"]})
-    return attrs
-
-
-def _warnings(result: AnalysisResult, total: float) -> list[str]:
+def _warnings(ds, total: float) -> list[str]:
     out = []
-    if result.n_samples < MIN_STABLE_SAMPLES:
-        out.append(f"only {result.n_samples} samples: the MIR paper reports MIR stable from N >= "
+    n_samples = int(ds.attrs["n_samples"])
+    if n_samples < MIN_STABLE_SAMPLES:
+        out.append(f"only {n_samples} samples: the MIR paper reports MIR stable from N >= "
                    f"{MIN_STABLE_SAMPLES} samples; treat this value as noisy")
     if not total > 0:
         out.append(f"the sum of per-layer FDs is {total:.6g} (not positive): MIR = log10(sum) is undefined")
-    if result.mode == "reference-fast":
+    if ds.attrs["sqrt_mode"] == "reference-fast":
         out.append("reference-fast reproduces the reference code's fast mode, whose iteration starts at a fixed "
                    "point: its trace term is tr(C_V C_T), not tr((C_V C_T)^1/2); the value is not a Fréchet "
                    "distance (use --sqrt exact)")
-    for s in result.layers:
-        scale = s["vision"]["total_variance"] + s["text"]["total_variance"]
-        if scale > 0 and s["negative_eigenvalue_mass"] > 1e-6 * scale:
-            out.append(f"layer {s['layer']}: clipped negative eigenvalue mass {s['negative_eigenvalue_mass']:.3g} "
+    scale = ds["total_variance"].sum("modality")
+    negative = ds["negative_eigenvalue_mass"]
+    for layer in ds["layer"].values:
+        at = {"layer": layer}
+        if scale.sel(at) > 0 and negative.sel(at) > 1e-6 * scale.sel(at):
+            out.append(f"layer {layer}: clipped negative eigenvalue mass {float(negative.sel(at)):.3g} "
                        "in the trace term (rounding in a rank-deficient product)")
-        low = [m for m in ("vision", "text") if s[m]["tokens_per_channel"] < 1]
+        low = [m for m in ("vision", "text") if ds["tokens_per_channel"].sel(layer=layer, modality=m) < 1]
         if low:
-            out.append(f"layer {s['layer']}: fewer {' and '.join(low)} tokens than channels: the covariance is "
+            out.append(f"layer {layer}: fewer {' and '.join(low)} tokens than channels: the covariance is "
                        "rank-deficient (the exact trace handles it; reference modes may be unstable)")
     return out

@@ -75,11 +75,11 @@ def compare_archives(locations: list[str], *, labels: list[str] | None = None, l
 def _difference(label_a: str, a, label_b: str, b, paired: bool, seed: int) -> dict:
     """MIR(b) - MIR(a) with a bootstrap interval, and whether it exceeds the noise."""
     out = {"a": label_a, "b": label_b, "difference": b.mir - a.mir}
-    if not (a.bootstrap and b.bootstrap):
+    if "mir_replicate" not in a.dataset or "mir_replicate" not in b.dataset:
         out.update({"ci_low": None, "ci_high": None, "exceeds_noise": None,
                     "note": "no bootstrap: run with --bootstrap B to judge the difference"})
         return out
-    ra, rb = np.asarray(a.bootstrap["mir_replicates"]), np.asarray(b.bootstrap["mir_replicates"])
+    ra, rb = a.dataset["mir_replicate"].values, b.dataset["mir_replicate"].values
     if not paired:  # independent resamples: shuffle one side so replicate b pairs unrelated draws
         rb = np.random.default_rng(seed + 1).permutation(rb)
     diffs = (rb - ra)[np.isfinite(rb - ra)]
@@ -95,13 +95,14 @@ def format_comparison(c: Comparison) -> str:
              f"{c.results[0].mode}; bootstrap {'paired' if c.paired else 'unpaired (sample orders differ)'}", ""]
     lines.append(f"{'':>{width}} " + " ".join(f"{lab:>{width}}" for lab in c.labels))
     for label, getter in (("MIR", lambda r: f"{r.mir:.5f}"),
-                          ("95% CI", lambda r: f"{r.bootstrap['ci_low']:.4f}-{r.bootstrap['ci_high']:.4f}"
-                           if r.bootstrap else "-")):
+                          ("95% CI", lambda r: f"{r.dataset.attrs['mir_ci_low']:.4f}-{r.dataset.attrs['mir_ci_high']:.4f}"
+                           if "mir_ci_low" in r.dataset.attrs else "-")):
         lines.append(f"{label:>{width}} " + " ".join(f"{getter(r):>{width}}" for r in c.results))
     lines.append("")
     lines.append(f"{'layer FD':>{width}} " + " ".join(f"{lab:>{width}}" for lab in c.labels))
-    for k, layer in enumerate(c.layers):
-        lines.append(f"{layer:>{width}} " + " ".join(f"{r.layers[k]['fd']:>{width}.5g}" for r in c.results))
+    for layer in c.layers:
+        lines.append(f"{layer:>{width}} " + " ".join(f"{float(r.dataset['fd'].sel(layer=layer)):>{width}.5g}"
+                                                     for r in c.results))
     lines.append("")
     for d in c.differences:
         verdict = ("no bootstrap" if d["exceeds_noise"] is None else

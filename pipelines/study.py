@@ -138,8 +138,6 @@ def run_study(config: StudyConfig, *, jobs: int = 1, devices: list[str] | None =
             except StudyError as exc:
                 failures.append(str(exc))
 
-    from .commands.analyze import run_analysis
-
     for outcome in outcomes:
         if archive_state(outcome.archive) != "complete":
             continue
@@ -152,7 +150,7 @@ def run_study(config: StudyConfig, *, jobs: int = 1, devices: list[str] | None =
                 outcome.result = cached["result"]
                 continue
         echo(f"analysing {outcome.checkpoint.name}")
-        result = run_analysis(**params).to_json()
+        result = analyze_checkpoint(params, outcome.checkpoint.name).to_json()
         tmp = result_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"archive_fingerprint": fingerprint, "analyze_argv": argv, "result": result},
                                   indent=1))
@@ -163,6 +161,29 @@ def run_study(config: StudyConfig, *, jobs: int = 1, devices: list[str] | None =
     if failures:
         raise StudyError("\n".join(failures))
     return outcomes
+
+
+def analyze_checkpoint(params: dict, name: str):
+    """One checkpoint's analysis through the library entry point, from its parsed [analyze] settings."""
+    from dask.utils import parse_bytes
+
+    from analyze import AnalysisError, AnalysisOptions, Runner, analyze_archives
+
+    p = dict(params)
+    try:
+        limit = parse_bytes(p["memory_limit"]) if p.get("memory_limit") else None
+    except ValueError as exc:
+        raise StudyError(f"[analyze] memory-limit {p['memory_limit']!r} is not a size (e.g. 2GB)") from exc
+    options = AnalysisOptions(mode=p["mode"], precision=p["precision"], bootstrap=p["bootstrap"], seed=p["seed"],
+                              blocks=p["blocks"], cache=not p["no_cache"], cache_dir=p["cache_dir"], memory_limit=limit)
+    runner = Runner(p["scheduler"], workers=p["workers"], progress=bool(p["progress"]))
+    try:
+        return analyze_archives(list(p["archives"]), layers=p["layers"], samples=p["samples"], where=p["where"],
+                                text_tokens=p["text_tokens"], options=options, runner=runner)
+    except (ArchiveError, AnalysisError) as exc:
+        raise StudyError(f"analysis of checkpoint {name} failed: {exc}") from exc
+    finally:
+        runner.close()
 
 
 def summary_rows(outcomes: list[CheckpointOutcome]) -> list[dict]:

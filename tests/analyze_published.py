@@ -125,6 +125,8 @@ def layers_from_dataset(ds: xr.Dataset) -> list[dict]:
     for i, layer in enumerate(ds["layer"].values):
         row = {"layer": int(layer), "vision": {}, "text": {}}
         for name, var in ds.data_vars.items():
+            if var.dims == ("replicate",):
+                continue  # the bootstrap's MIR replicates: check_dataset
             assert name in PUBLISHED_LAYER or name in PUBLISHED_MODALITY, f"netCDF variable {name!r} is not checked"
             if var.dims == ("layer",):
                 value = var.values[i]
@@ -137,14 +139,25 @@ def layers_from_dataset(ds: xr.Dataset) -> list[dict]:
     return out
 
 
-def check_dataset(ds: xr.Dataset, ref: dict) -> None:
+DATASET_ATTRS = {"mir", "sqrt_mode", "n_samples", "n_vision_tokens", "n_text_tokens", "settings", "versions"}
+BOOTSTRAP_ATTRS = {"bootstrap_replicates": "replicates", "bootstrap_seed": "seed", "bootstrap_blocks": "blocks",
+                   "bootstrap_level": "level", "mir_ci_low": "ci_low", "mir_ci_high": "ci_high",
+                   "mir_bootstrap_std": "std", "bootstrap_approximation": "approximation"}
+
+
+def check_dataset(ds: xr.Dataset, ref: dict, *, mode: str = "exact") -> None:
+    """The netCDF: every variable and attribute."""
     check_layers(layers_from_dataset(ds), ref["layers"])
+    expected = DATASET_ATTRS | (set(BOOTSTRAP_ATTRS) if "bootstrap" in ref else set())
+    assert set(ds.attrs) == expected, sorted(set(ds.attrs) ^ expected)
     assert abs(ds.attrs["mir"] - ref["mir"]) <= 1e-6 and ds.attrs["n_samples"] == ref["n_samples"]
     assert ds.attrs["n_vision_tokens"] == ref["n_vision_tokens"] and ds.attrs["n_text_tokens"] == ref["n_text_tokens"]
+    assert ds.attrs["sqrt_mode"] == mode
+    assert "mir_replicate" in ds.data_vars or "bootstrap" not in ref
     if "bootstrap" in ref:
-        b = ref["bootstrap"]
-        assert abs(ds.attrs["mir_ci_low"] - b["ci_low"]) <= 1e-5 and abs(ds.attrs["mir_ci_high"] - b["ci_high"]) <= 1e-5
-        assert ds.attrs["bootstrap_replicates"] == b["replicates"]
+        got = {key: ds.attrs[attr] for attr, key in BOOTSTRAP_ATTRS.items()}
+        got["mir_replicates"] = ds["mir_replicate"].values
+        check_bootstrap(got, ref["bootstrap"])
 
 
 def _num(text: str) -> float:
