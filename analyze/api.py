@@ -1,8 +1,8 @@
 """`analyze_selection`: MIR and the related statistics of a Selection, with cache and bootstrap.
 
-Layers are processed in groups sized to the memory budget: for each group the sufficient
+Layers are processed in batches sized to the memory budget: for each batch the sufficient
 statistics are read from the cache or computed (engine), written to the cache, turned into numbers
-and, for the bootstrap, into per-replicate FDs; then dropped. So memory holds one group's d x d
+and, for the bootstrap, into per-replicate FDs; then dropped. So memory holds one batch's d x d
 statistics, however many layers and samples there are.
 """
 from __future__ import annotations
@@ -72,8 +72,8 @@ def bootstrap_blocks(selection, wanted: int, workers: int, memory_limit: int | N
     return k
 
 
-def layer_groups(selection, layers: list[int], blocks: int, workers: int, memory_limit: int | None) -> list[list[int]]:
-    """Split layers so a group's d x d statistics and per-token norms (float64) and outlier flags fit the
+def layer_batches(selection, layers: list[int], blocks: int, workers: int, memory_limit: int | None) -> list[list[int]]:
+    """Split layers into batches whose d x d statistics and per-token norms (float64) and outlier flags fit the
     memory budget next to the workers' blocks."""
     room, per_block = _memory_plan(selection, workers, memory_limit)
     tokens = int(selection.vision.sizes["token"]) + int(selection.text.sizes["token"])
@@ -99,18 +99,18 @@ def _cache_key(selection, layer: int, blocks: int, precision: str) -> dict:
             "precision": precision}
 
 
-def _group_stats(selection, group: list[int], blocks: int, options: AnalysisOptions, cache: StatsCache | None,
+def _batch_stats(selection, batch: list[int], blocks: int, options: AnalysisOptions, cache: StatsCache | None,
                  runner: Runner, hits: list[int]) -> dict:
-    """Sufficient statistics of a group of layers: from the cache where present, else computed and cached."""
-    keys = {layer: _cache_key(selection, layer, blocks, options.precision) for layer in group}
+    """Sufficient statistics of a batch of layers: from the cache where present, else computed and cached."""
+    keys = {layer: _cache_key(selection, layer, blocks, options.precision) for layer in batch}
     stats = {}
     if cache is not None:
-        for layer in group:
+        for layer in batch:
             found = cache.load(keys[layer])
             if found is not None:
                 stats[layer] = found
                 hits.append(layer)
-    missing = [layer for layer in group if layer not in stats]
+    missing = [layer for layer in batch if layer not in stats]
     if missing:
         for layer, st in compute_stats(selection, missing, blocks=blocks, precision=options.precision,
                                         runner=runner, config=options.reads).items():
@@ -152,12 +152,12 @@ def analyze_selection(selection, options: AnalysisOptions | None = None, *, runn
     weights = boot.bootstrap_weights(options.bootstrap, blocks, options.seed) if options.bootstrap else None
     cache = StatsCache.for_archive(selection.archive, options.cache_dir) if options.cache else None
     summaries, fd_reps, hits = {}, {}, []
-    for group in layer_groups(selection, layers, blocks, runner.workers, options.memory_limit):
-        stats = _group_stats(selection, group, blocks, options, cache, runner, hits)
-        found = runner.map(lambda st: layer_summary(st, options.mode), [stats[layer] for layer in group])
-        summaries.update(zip(group, found))
+    for batch in layer_batches(selection, layers, blocks, runner.workers, options.memory_limit):
+        stats = _batch_stats(selection, batch, blocks, options, cache, runner, hits)
+        found = runner.map(lambda st: layer_summary(st, options.mode), [stats[layer] for layer in batch])
+        summaries.update(zip(batch, found))
         if weights is not None:
-            for layer in group:
+            for layer in batch:
                 fd_reps[layer] = boot.replicate_fds(stats[layer], options.mode, weights, runner.map)
     ordered = [summaries[layer] for layer in layers]
     total = sum(s["fd"] for s in ordered)

@@ -95,7 +95,7 @@ def format_comparison(c: Comparison) -> str:
              f"{c.results[0].mode}; bootstrap {'paired' if c.paired else 'unpaired (sample orders differ)'}", ""]
     lines.append(f"{'':>{width}} " + " ".join(f"{lab:>{width}}" for lab in c.labels))
     for label, getter in (("MIR", lambda r: f"{r.mir:.5f}"),
-                          ("95% CI", lambda r: f"{r.dataset.attrs['mir_ci_low']:.4f}-{r.dataset.attrs['mir_ci_high']:.4f}"
+                          ("95% CI", lambda r: "{mir_ci_low:.4f}-{mir_ci_high:.4f}".format(**r.dataset.attrs)
                            if "mir_ci_low" in r.dataset.attrs else "-")):
         lines.append(f"{label:>{width}} " + " ".join(f"{getter(r):>{width}}" for r in c.results))
     lines.append("")

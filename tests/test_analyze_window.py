@@ -3,7 +3,6 @@ histogram of the median's bin, and when they are not, it says so (never a wrong 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
