@@ -48,20 +48,20 @@ def reference_document(selection, bootstrap: dict | None = None) -> dict:
     return doc
 
 
-def _close(kind: str, got, want, fd: float, where: str) -> None:
+def _close(kind: str, got, want, fd: float, where: str, rtol: float = FD_RTOL) -> None:
     if kind == EXACT:
         assert got == want, (where, got, want)
     elif kind == RAW:  # float64 from exact squares of stored values
         assert math.isclose(got, want, rel_tol=1e-10), (where, got, want)
     elif kind == FD_SHARE:  # a part of FD: relative to FD, which may be far larger
-        assert abs(got - want) <= FD_RTOL * (abs(want) + abs(fd)), (where, got, want)
+        assert abs(got - want) <= rtol * (abs(want) + abs(fd)), (where, got, want)
     elif kind == COSINE:
         assert abs(got - want) <= 1e-6, (where, got, want)
     elif kind == SPECTRUM:
         g, w = np.asarray(got, np.float64), np.asarray(want, np.float64)
         assert g.shape == w.shape and (np.isnan(g) == np.isnan(w)).all(), (where, got, want)
         scale = np.nanmax(np.abs(w))
-        assert np.all(np.abs(g - w)[~np.isnan(w)] <= FD_RTOL * scale), (where, got, want)
+        assert np.all(np.abs(g - w)[~np.isnan(w)] <= rtol * scale), (where, got, want)
     elif kind == CONDITION:  # LAPACK's 1-norm estimate: a lower bound, within a small factor; JSON null: inf
         got = math.inf if got is None else got
         assert (math.isinf(got) and math.isinf(want)) or 0.3 * want <= got <= want * (1 + 1e-3), (where, got, want)
@@ -71,7 +71,7 @@ def _close(kind: str, got, want, fd: float, where: str) -> None:
         raise AssertionError(f"no comparison named {kind}")
 
 
-def check_layers(got_layers: list[dict], ref_layers: list[dict]) -> None:
+def check_layers(got_layers: list[dict], ref_layers: list[dict], rtol: float = FD_RTOL) -> None:
     """Every published per-layer number equals the reference; every published field is known here."""
     assert [g["layer"] for g in got_layers] == [r["layer"] for r in ref_layers]
     for got, ref in zip(got_layers, ref_layers):
@@ -81,11 +81,11 @@ def check_layers(got_layers: list[dict], ref_layers: list[dict]) -> None:
                 scale = got["vision"]["total_variance"] + got["text"]["total_variance"]
                 assert 0 <= got[name] <= 1e-6 * scale, (got["layer"], name, got[name])
             else:
-                _close(kind, got[name], ref[name], ref["fd"], f"layer {got['layer']} {name}")
+                _close(kind, got[name], ref[name], ref["fd"], f"layer {got['layer']} {name}", rtol)
         for m in ("vision", "text"):
             assert set(got[m]) == set(PUBLISHED_MODALITY), sorted(set(got[m]) ^ set(PUBLISHED_MODALITY))
             for name, kind in PUBLISHED_MODALITY.items():
-                _close(kind, got[m][name], ref[m].get(name), ref["fd"], f"layer {got['layer']} {m} {name}")
+                _close(kind, got[m][name], ref[m].get(name), ref["fd"], f"layer {got['layer']} {m} {name}", rtol)
 
 
 def check_bootstrap(got: dict, ref: dict) -> None:
@@ -97,13 +97,13 @@ def check_bootstrap(got: dict, ref: dict) -> None:
     assert got["approximation"]
 
 
-def check_document(doc: dict, ref: dict, *, mode: str = "exact") -> None:
+def check_document(doc: dict, ref: dict, *, mode: str = "exact", rtol: float = FD_RTOL) -> None:
     """The whole JSON of `mir analyze` / `mir stats`."""
     assert set(doc) == PUBLISHED_TOP, sorted(set(doc) ^ PUBLISHED_TOP)
     assert abs(doc["mir"] - ref["mir"]) <= 1e-6 and doc["mode"] == mode
     for name in ("n_samples", "n_vision_tokens", "n_text_tokens"):
         assert doc[name] == ref[name], (name, doc[name], ref[name])
-    check_layers(doc["layers"], ref["layers"])
+    check_layers(doc["layers"], ref["layers"], rtol)
     if "bootstrap" in ref:
         check_bootstrap(doc["bootstrap"], ref["bootstrap"])
     else:
