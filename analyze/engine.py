@@ -119,6 +119,6 @@ def compute_stats(selection, layers: list[int], *, blocks: int = 1, precision: s
     out = {}
     for layer in layers:
         v, t = (next(u for u in units if u.facts.layer == layer and u.facts.modality == m) for m in MODALITIES)
-        out[layer] = LayerStats(layer, v.progress.stats, t.progress.stats,
+        out[layer] = LayerStats(layer, v.progress.statistics(), t.progress.statistics(),
                                 {"blocks": v.facts.sample_blocks, "precision": precision})
     return out

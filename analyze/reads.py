@@ -130,7 +130,7 @@ class Progress:
     facts: UnitFacts
     small: bool  # fewer tokens than channels: one in-memory read gives everything
     passes: int = 0
-    stats: ModalityStats | None = None  # the finished statistics (the in-memory read sets them directly)
+    stats: ModalityStats | None = None  # set by the in-memory read, which gives everything at once
     summary: NormSummary | None = None
     outliers: np.ndarray | None = None
     norms: np.ndarray | None = field(default=None, repr=False)
@@ -152,7 +152,6 @@ class Progress:
         if not self.median.done:
             reads.append(MedianRead(self.median.next_read(config.gather_budget)))
         if not reads:
-            self.stats = self.statistics()
             return None
         return reads[0] if len(reads) == 1 else Fused(tuple(reads))
 
@@ -161,6 +160,8 @@ class Progress:
 
     def statistics(self) -> ModalityStats:
         """The unit's sufficient statistics, once every read it needed is applied."""
+        if self.stats is not None:
+            return self.stats
         ids, k = self.facts.sample_block, self.facts.sample_blocks
         d = len(self.median.values)
         return ModalityStats(self.summary, self.median.values, np.bincount(ids, minlength=k).astype(np.int64),
