@@ -2,8 +2,9 @@
 
 Layers are processed in batches sized to the memory budget: for each batch the sufficient
 statistics are read from the cache or computed (engine), written to the cache, turned into numbers
-and, for the bootstrap, into per-replicate FDs; then dropped. So memory holds one batch's d x d
-statistics, however many layers and samples there are.
+and, for the bootstrap, into per-sample influence values (one more read of the batch's layers unless
+cached; influence.py); then dropped. So memory holds one batch's d x d statistics, however many layers
+and samples there are, and the bootstrap keeps N values per layer.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from . import bootstrap as boot
 from .cache import StatsCache
 from .config import ReadConfig
 from .dataset import AnalysisResult, result_attrs, to_dataset
-from .engine import STATS_VERSION, compute_stats, sample_blocks
+from .engine import STATS_VERSION, compute_stats
+from .gradient import layer_gradient
+from .influence import INFLUENCE_VERSION, LayerInfluence, compute_influence
 from .errors import AnalysisError
 from .frechet import SQRT_MODES
 from .results import layer_summary
@@ -37,7 +40,6 @@ class AnalysisOptions:
     precision: str = "float32"  # Gram products (float64 accumulation either way)
     bootstrap: int = 0  # replicates; 0 = none
     seed: int = 0
-    blocks: int = 20  # sample blocks kept for the bootstrap
     cache: bool = True
     cache_dir: str | None = None
     memory_limit: int | None = None  # bytes; None = half the machine's memory
@@ -46,8 +48,8 @@ class AnalysisOptions:
     def validate(self) -> None:
         if self.mode not in SQRT_MODES:
             raise AnalysisError(f"unknown --sqrt mode {self.mode!r}; choose one of {', '.join(SQRT_MODES)}")
-        if self.bootstrap < 0 or self.blocks < 1:
-            raise AnalysisError("--bootstrap and --bootstrap-blocks must be positive")
+        if self.bootstrap < 0:
+            raise AnalysisError("--bootstrap must be 0 or positive")
 
 
 def _memory_plan(selection, workers: int, memory_limit: int | None) -> tuple[int, int]:
@@ -59,17 +61,6 @@ def _memory_plan(selection, workers: int, memory_limit: int | None) -> tuple[int
         selection.vision.dtype.itemsize
     working = workers * chunk * 4 + BASE_MEMORY  # a block, its float32/64 pieces, results in flight
     return memory_limit - working, 2 * 3 * d * d * 8  # both modalities, ~3 copies while merging
-
-
-def bootstrap_blocks(selection, wanted: int, workers: int, memory_limit: int | None) -> int:
-    """Sample blocks kept for the bootstrap: as asked, unless one layer's statistics would not fit."""
-    room, per_block = _memory_plan(selection, workers, memory_limit)
-    fit = max(2, int(room // per_block))
-    k = len(sample_blocks(selection.sample_index, min(wanted, fit)))
-    if k < min(wanted, len(selection.sample_index)):
-        log.warning("keeping %d sample blocks instead of %d for the bootstrap: 2 x K x d^2 x 8 bytes per layer "
-                    "must fit the memory budget (raise --memory-limit for more)", k, wanted)
-    return k
 
 
 def layer_batches(selection, layers: list[int], blocks: int, workers: int, memory_limit: int | None) -> list[list[int]]:
@@ -97,6 +88,27 @@ def _cache_key(selection, layer: int, blocks: int, precision: str) -> dict:
     sel = {k: v for k, v in selection.key.items() if k != "layers"}
     return {"stats_version": STATS_VERSION, "selection": sel, "layer": int(layer), "blocks": int(blocks),
             "precision": precision}
+
+
+def _batch_influence(selection, batch: list[int], stats: dict, options: AnalysisOptions,
+                     cache: StatsCache | None, runner: Runner) -> dict[int, LayerInfluence]:
+    """Per-sample influence values of a batch of layers: cached, or one read of the missing layers."""
+    keys = {layer: {**_cache_key(selection, layer, 1, options.precision), "kind": "influence",
+                    "influence_version": INFLUENCE_VERSION} for layer in batch}
+    found = {}
+    if cache is not None:
+        for layer in batch:
+            values = cache.load_values(keys[layer])
+            if values is not None and values["d"].shape == (len(selection.sample_index),):
+                found[layer] = LayerInfluence.from_arrays(values)
+    missing = [layer for layer in batch if layer not in found]
+    if missing:
+        grads = dict(zip(missing, runner.map(lambda layer: layer_gradient(stats[layer]), missing)))
+        for layer, values in compute_influence(selection, grads, stats, runner).items():
+            if cache is not None:
+                cache.store_values(keys[layer], values.to_arrays())
+            found[layer] = values
+    return found
 
 
 def _batch_stats(selection, batch: list[int], blocks: int, options: AnalysisOptions, cache: StatsCache | None,
@@ -147,31 +159,32 @@ def analyze_selection(selection, options: AnalysisOptions | None = None, *, runn
     n_samples = int(len(selection.sample_index))
     if n_samples == 0:
         raise AnalysisError("the selection holds no samples")
-    blocks = bootstrap_blocks(selection, options.blocks, runner.workers, options.memory_limit) \
-        if options.bootstrap else 1
-    weights = boot.bootstrap_weights(options.bootstrap, blocks, options.seed) if options.bootstrap else None
+    if options.bootstrap and n_samples < 2:
+        raise AnalysisError("--bootstrap needs at least 2 samples in the selection (samples are resampled)")
+    blocks = 1
     cache = StatsCache.for_archive(selection.archive, options.cache_dir) if options.cache else None
-    summaries, fd_reps, hits = {}, {}, []
+    summaries, influence, hits = {}, {}, []
     for batch in layer_batches(selection, layers, blocks, runner.workers, options.memory_limit):
         stats = _batch_stats(selection, batch, blocks, options, cache, runner, hits)
         found = runner.map(lambda st: layer_summary(st, options.mode), [stats[layer] for layer in batch])
         summaries.update(zip(batch, found))
-        if weights is not None:
-            for layer in batch:
-                fd_reps[layer] = boot.replicate_fds(stats[layer], options.mode, weights, runner.map)
+        if options.bootstrap:
+            influence.update(_batch_influence(selection, batch, stats, options, cache, runner))
     ordered = [summaries[layer] for layer in layers]
     total = sum(s["fd"] for s in ordered)
     mir = math.log10(total) if total > 0 else math.nan
-    settings = {**asdict(options), "layers": layers, "blocks_kept": blocks, "text_tokens": selection.text_tokens,
+    settings = {**asdict(options), "layers": layers, "text_tokens": selection.text_tokens,
                 "archive": selection.archive.paths, "archive_fingerprint": selection.archive.fingerprint,
                 "selection": selection.key, "scheduler": runner.describe()}
-    summary = None
-    if weights is not None:
-        summary = boot.summarize(np.stack([fd_reps[layer] for layer in layers], axis=1), options.seed, blocks)
+    summary, per_sample = None, None
+    if options.bootstrap:
+        per_sample = np.stack([influence[layer].d for layer in layers])
+        summary = boot.summarize(total, [influence[layer] for layer in layers], options.bootstrap, options.seed)
     attrs = result_attrs(mir=mir, mode=options.mode, n_samples=n_samples,
                          n_vision_tokens=int(selection.vision.sizes["token"]),
                          n_text_tokens=int(selection.text.sizes["token"]), settings=settings, bootstrap=summary)
-    dataset = to_dataset(ordered, attrs, None if summary is None else summary["mir_replicates"])
+    dataset = to_dataset(ordered, attrs, None if summary is None else summary["mir_replicates"],
+                         None if per_sample is None else (selection.sample_ids, per_sample))
     result = AnalysisResult(dataset, settings,
                             cache={"location": str(cache.directory) if cache else None, "layers_reused": hits})
     result.warnings = _warnings(dataset, total)

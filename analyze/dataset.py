@@ -23,12 +23,15 @@ DESCRIPTIONS = {
     "scale": "text-centric normalisation a = 1 / mean text-token norm (raw units)",
     "norm_mean": "token-norm statistics in the archive's raw units",
     "mir_replicate": "MIR of each bootstrap replicate",
+    "fd_influence": "first-order change of the layer's FD per unit weight of the sample (delta method)",
 }
 
 
-def to_dataset(summaries: list[dict], attrs: dict, mir_replicates: np.ndarray | None = None) -> xr.Dataset:
+def to_dataset(summaries: list[dict], attrs: dict, mir_replicates: np.ndarray | None = None,
+               influence: tuple[list[str], np.ndarray] | None = None) -> xr.Dataset:
     """The per-layer numbers as a Dataset: a layer-level number becomes a (layer) variable, a
-    per-modality one a (layer, modality) variable, a per-modality vector a (layer, modality, rank) one."""
+    per-modality one a (layer, modality) variable, a per-modality vector a (layer, modality, rank) one.
+    `influence`: (sample ids, (layer, sample) influence values), the bootstrap's per-sample values."""
     first = summaries[0]
     data = {}
     for name, value in first.items():
@@ -46,6 +49,9 @@ def to_dataset(summaries: list[dict], attrs: dict, mir_replicates: np.ndarray | 
         coords["rank"] = np.arange(1, ranks[0] + 1)
     if mir_replicates is not None:
         data["mir_replicate"] = ("replicate", np.asarray(mir_replicates, np.float64))
+    if influence is not None:
+        data["fd_influence"] = (("layer", "sample"), np.asarray(influence[1], np.float64))
+        coords["sample_id"] = ("sample", np.asarray(influence[0], dtype=str))
     ds = xr.Dataset(data, coords=coords, attrs=attrs)
     for name, text in DESCRIPTIONS.items():
         if name in ds:
@@ -98,9 +104,10 @@ def versions() -> dict:
     return out
 
 
-BOOTSTRAP_ATTRS = {"replicates": "bootstrap_replicates", "seed": "bootstrap_seed", "blocks": "bootstrap_blocks",
-                   "level": "bootstrap_level", "ci_low": "mir_ci_low", "ci_high": "mir_ci_high",
-                   "std": "mir_bootstrap_std", "approximation": "bootstrap_approximation"}
+BOOTSTRAP_ATTRS = {"replicates": "bootstrap_replicates", "seed": "bootstrap_seed", "level": "bootstrap_level",
+                   "ci_low": "mir_ci_low", "ci_high": "mir_ci_high", "std": "mir_bootstrap_std",
+                   "delta_std": "mir_delta_std", "method": "bootstrap_method", "unit": "bootstrap_unit",
+                   "units": "bootstrap_units", "held": "bootstrap_held"}
 
 
 def result_attrs(*, mir: float, mode: str, n_samples: int, n_vision_tokens: int, n_text_tokens: int,
@@ -155,6 +162,10 @@ class AnalysisResult:
             return None
         out = {key: _plain(ds.attrs[attr]) for key, attr in BOOTSTRAP_ATTRS.items()}
         out["mir_replicates"] = ds["mir_replicate"].values.tolist()
+        if "fd_influence" in ds:
+            out["fd_total"] = float(ds["fd"].sum())
+            out["sample_ids"] = [str(i) for i in ds["sample_id"].values]
+            out["fd_influence"] = ds["fd_influence"].sum("layer").values.tolist()
         return out
 
     def to_json(self) -> dict:

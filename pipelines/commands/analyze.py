@@ -96,10 +96,9 @@ def _fmt(x: float, width: int = 11) -> str:
 @click.option("--sqrt", "mode", default="exact", show_default=True, type=click.Choice(SQRT_MODES),
               help="Trace term: exact (float64 symmetric eigensolver), or the reference code's fast / accurate modes.")
 @click.option("--bootstrap", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Bootstrap replicates for a 95% confidence interval of MIR (0: none).")
+              help="Bootstrap replicates (samples resampled; delta method) for a 95% confidence interval of MIR "
+                   "(0: none).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap.")
-@click.option("--bootstrap-blocks", "blocks", default=20, show_default=True, type=click.IntRange(min=2),
-              help="Blocks of samples the bootstrap resamples (statistics kept per block).")
 @click.option("--netcdf", "netcdf_path", default=None, type=click.Path(dir_okay=False),
               help="Write the per-layer xarray Dataset as netCDF.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
@@ -134,7 +133,7 @@ def format_result(result) -> str:
     if "mir_replicate" in ds:
         a = ds.attrs
         lines.append(f"95% CI [{a['mir_ci_low']:.6f}, {a['mir_ci_high']:.6f}]  (bootstrap: {a['bootstrap_replicates']} "
-                     f"replicates over {a['bootstrap_blocks']} sample blocks, seed {a['bootstrap_seed']}; sd "
+                     f"replicates over {a['bootstrap_units']} samples, seed {a['bootstrap_seed']}; sd "
                      f"{a['mir_bootstrap_std']:.2g})")
     lines.append(f"{'layer':>5} {'FD':>11} {'mean term':>11} {'cov term':>11} {'scale a':>11} "
                  f"{'outl. v/t':>11}  route")
