@@ -104,7 +104,7 @@ def _batch_influence(selection, batch: list[int], stats: dict, options: Analysis
     missing = [layer for layer in batch if layer not in found]
     if missing:
         grads = dict(zip(missing, runner.map(lambda layer: layer_gradient(stats[layer]), missing)))
-        for layer, values in compute_influence(selection, grads, stats, runner).items():
+        for layer, values in compute_influence(selection, grads, stats, runner, options.precision).items():
             if cache is not None:
                 cache.store_values(keys[layer], values.to_arrays())
             found[layer] = values

@@ -28,7 +28,7 @@ class ModalityGradient:
 
     mean: np.ndarray  # (d,) raw mean after replacement
     direction: np.ndarray  # (d,) raw: mean_V - mean_T (vision) or mean_T - mean_V (text)
-    k: np.ndarray  # (d, r) float32 K, scaled so ||k^T y_raw||^2 = ||K^T y_normalised||^2
+    k: np.ndarray  # (d, r) K, scaled so ||k^T y_raw||^2 = ||K^T y_normalised||^2
     median: np.ndarray  # (d,) raw column median, the value of replaced rows
 
 
@@ -75,8 +75,7 @@ def layer_gradient(stats: LayerStats) -> LayerGradient:
     grads, totals = {}, {}
     for name, mom, k, sign in (("vision", mv, k_v, 1.0), ("text", mt, k_t, -1.0)):
         s = stats.modality(name)
-        k32 = (k * a).astype(np.float32)
-        grads[name] = ModalityGradient(mom.mean, sign * (mv.mean - mt.mean), k32, s.median)
+        grads[name] = ModalityGradient(mom.mean, sign * (mv.mean - mt.mean), k * a, s.median)
         dev = s.median - mom.mean
         totals[name] = {"n": mom.n, "trace_cov": float(np.trace(cv if name == "vision" else ct)),
                         "median_sq": float(dev @ dev), "median_quad": float(np.sum((dev @ k * a) ** 2)),

@@ -86,11 +86,12 @@ class SampleChunk:
 class InfluenceParams:
     gradient: ModalityGradient
     norms: NormSummary  # the held outlier rule
+    precision: str = "float32"  # the products (--precision); accumulation is float64 either way
 
 
 def map_chunk(x, chunk: SampleChunk, params: InfluenceParams) -> SampleSums:
-    """Per-sample counts, outliers, norm sums and the three sums over non-outlier rows (float32 products,
-    float64 accumulation)."""
+    """Per-sample counts, outliers, norm sums and the three sums over non-outlier rows (products in the
+    asked precision, float64 accumulation)."""
     x = as_rows(x)
     g = params.gradient
     norms = token_norms(x)
@@ -100,14 +101,15 @@ def map_chunk(x, chunk: SampleChunk, params: InfluenceParams) -> SampleSums:
     n = chunk.samples
     s = chunk.sample
     vectors = np.zeros((n, x.shape[1]))
-    mean32 = g.mean.astype(np.float32)
+    work = np.float32 if params.precision == "float32" else np.float64
+    mean, direction, k = g.mean.astype(work), g.direction.astype(work), g.k.astype(work)
     for start in range(0, len(x), STEP_ROWS):
         rows = slice(start, start + STEP_ROWS)
-        y = np.subtract(x[rows], mean32, dtype=np.float32)
+        y = np.subtract(x[rows], mean, dtype=work)
         y[out[rows]] = 0
-        lin[rows] = y @ g.direction.astype(np.float32)
+        lin[rows] = y @ direction
         sq[rows] = np.einsum("ij,ij->i", y, y, dtype=np.float64)
-        p = y @ g.k
+        p = y @ k
         quad[rows] = np.einsum("ij,ij->i", p, p, dtype=np.float64)
         for i in np.unique(s[rows]):
             vectors[i] += y[s[rows] == i].sum(axis=0, dtype=np.float64)
@@ -158,7 +160,7 @@ def layer_influence(grad: LayerGradient, sums: dict[str, SampleSums]) -> LayerIn
 
 
 def compute_influence(selection, grads: dict[int, LayerGradient], stats: dict[int, LayerStats],
-                      runner: Runner | None = None) -> dict[int, np.ndarray]:
+                      runner: Runner | None = None, precision: str = "float32") -> dict[int, LayerInfluence]:
     """Influence values (N,) per layer: one read of the given layers of the selection, both modalities."""
     runner = runner or Runner()
     read = InfluenceRead()
@@ -172,7 +174,7 @@ def compute_influence(selection, grads: dict[int, LayerGradient], stats: dict[in
         sample = position[np.asarray(view["sample"].values, np.int64)]
         for layer, grad in grads.items():
             arr = view.data[int(np.flatnonzero(selection.layers == layer)[0])]
-            params = dask.delayed(InfluenceParams(grad.modality(m), stats[layer].modality(m).norms), pure=True)
+            params = dask.delayed(InfluenceParams(grad.modality(m), stats[layer].modality(m).norms, precision), pure=True)
             edges = np.concatenate([[0], np.cumsum(arr.chunks[0])]).astype(int)
             parts = [dask.delayed(read.map, pure=True)(x, SampleChunk(sample[a:b], n), params)
                      for x, a, b in zip(arr.to_delayed().ravel(), edges[:-1], edges[1:])]

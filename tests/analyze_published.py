@@ -12,7 +12,8 @@ import re
 
 import numpy as np
 import xarray as xr
-from analyze_reference import bootstrap_numbers, layer_numbers
+from analyze_reference import layer_numbers
+from analyze_reference_bootstrap import published_bootstrap
 
 FD_RTOL = 1e-5  # float32 Gram products on centred data
 EXACT, RAW, FD_SHARE, COSINE, SPECTRUM, CONDITION, PASSES, NEGATIVE = (
@@ -37,14 +38,15 @@ def reference_inputs(selection) -> list[tuple]:
 
 
 def reference_document(selection, bootstrap: dict | None = None) -> dict:
-    """What the JSON should say. `bootstrap`: {"replicates", "seed", "blocks"} when one was asked for."""
+    """What the JSON should say. `bootstrap`: {"replicates", "seed"} when one was asked for."""
     inputs = reference_inputs(selection)
     layers = [layer_numbers(v, t, int(layer)) for layer, (v, _, t, _) in zip(selection.layers, inputs)]
     doc = {"mir": math.log10(sum(r["fd"] for r in layers)), "n_samples": len(selection.sample_index),
            "n_vision_tokens": len(inputs[0][0]), "n_text_tokens": len(inputs[0][2]), "layers": layers}
     if bootstrap:
-        doc["bootstrap"] = bootstrap_numbers(inputs, selection.sample_index, bootstrap["blocks"],
-                                             bootstrap["replicates"], bootstrap["seed"])
+        doc["bootstrap"] = published_bootstrap(inputs, selection.sample_index, bootstrap["replicates"],
+                                               bootstrap["seed"])
+        doc["bootstrap"]["sample_ids"] = selection.sample_ids
     return doc
 
 
@@ -89,12 +91,22 @@ def check_layers(got_layers: list[dict], ref_layers: list[dict], rtol: float = F
 
 
 def check_bootstrap(got: dict, ref: dict) -> None:
-    for name in ("replicates", "seed", "blocks", "level"):
+    for name in ("replicates", "seed", "level", "unit", "units"):
         assert got[name] == ref[name], (name, got[name], ref[name])
-    np.testing.assert_allclose(got["mir_replicates"], ref["mir_replicates"], rtol=0, atol=1e-5)
-    for name in ("ci_low", "ci_high", "std"):
+    replicates = np.array([np.nan if x is None else x for x in got["mir_replicates"]], np.float64)  # JSON null: nan
+    # as summed FDs, to FD_RTOL of the full-selection FD (a replicate far below it is a difference of terms)
+    got_fd, want_fd = 10 ** replicates, 10 ** ref["mir_replicates"]
+    assert np.array_equal(np.isnan(got_fd), np.isnan(want_fd))
+    ok = np.isnan(want_fd) | (np.abs(got_fd - want_fd) <= FD_RTOL * (ref["fd_total"] + np.abs(want_fd)))
+    assert ok.all(), (got_fd[~ok], want_fd[~ok])
+    for name in ("ci_low", "ci_high", "std", "delta_std"):
         assert abs(got[name] - ref[name]) <= 1e-5 * max(1.0, abs(ref[name])), (name, got[name], ref[name])
-    assert got["approximation"]
+    assert "delta method" in got["method"] and "outlier rule" in got["held"] and "medians" in got["held"]
+    if "fd_influence" in got:  # the JSON: the per-sample values, summed over layers, by sample id
+        assert got["sample_ids"] == ref["sample_ids"]
+        np.testing.assert_allclose(got["fd_influence"], ref["fd_influence"], rtol=1e-4,
+                                   atol=1e-5 * np.abs(ref["fd_influence"]).max())
+        assert abs(got["fd_total"] - ref["fd_total"]) <= 1e-5 * ref["fd_total"]
 
 
 def check_document(doc: dict, ref: dict, *, mode: str = "exact", rtol: float = FD_RTOL) -> None:
@@ -125,8 +137,8 @@ def layers_from_dataset(ds: xr.Dataset) -> list[dict]:
     for i, layer in enumerate(ds["layer"].values):
         row = {"layer": int(layer), "vision": {}, "text": {}}
         for name, var in ds.data_vars.items():
-            if var.dims == ("replicate",):
-                continue  # the bootstrap's MIR replicates: check_dataset
+            if var.dims in (("replicate",), ("layer", "sample")):
+                continue  # the bootstrap's MIR replicates and per-sample values: check_dataset
             assert name in PUBLISHED_LAYER or name in PUBLISHED_MODALITY, f"netCDF variable {name!r} is not checked"
             if var.dims == ("layer",):
                 value = var.values[i]
@@ -140,9 +152,10 @@ def layers_from_dataset(ds: xr.Dataset) -> list[dict]:
 
 
 DATASET_ATTRS = {"mir", "sqrt_mode", "n_samples", "n_vision_tokens", "n_text_tokens", "settings", "versions"}
-BOOTSTRAP_ATTRS = {"bootstrap_replicates": "replicates", "bootstrap_seed": "seed", "bootstrap_blocks": "blocks",
-                   "bootstrap_level": "level", "mir_ci_low": "ci_low", "mir_ci_high": "ci_high",
-                   "mir_bootstrap_std": "std", "bootstrap_approximation": "approximation"}
+BOOTSTRAP_ATTRS = {"bootstrap_replicates": "replicates", "bootstrap_seed": "seed", "bootstrap_level": "level",
+                   "mir_ci_low": "ci_low", "mir_ci_high": "ci_high", "mir_bootstrap_std": "std",
+                   "mir_delta_std": "delta_std", "bootstrap_method": "method", "bootstrap_unit": "unit",
+                   "bootstrap_units": "units", "bootstrap_held": "held"}
 
 
 def check_dataset(ds: xr.Dataset, ref: dict, *, mode: str = "exact") -> None:
@@ -158,6 +171,10 @@ def check_dataset(ds: xr.Dataset, ref: dict, *, mode: str = "exact") -> None:
         got = {key: ds.attrs[attr] for attr, key in BOOTSTRAP_ATTRS.items()}
         got["mir_replicates"] = ds["mir_replicate"].values
         check_bootstrap(got, ref["bootstrap"])
+        assert ds["fd_influence"].dims == ("layer", "sample")
+        assert ds["sample_id"].values.astype(str).tolist() == ref["bootstrap"]["sample_ids"]
+        np.testing.assert_allclose(ds["fd_influence"].sum("layer").values, ref["bootstrap"]["fd_influence"],
+                                   rtol=1e-4, atol=1e-5 * np.abs(ref["bootstrap"]["fd_influence"]).max())
 
 
 def _num(text: str) -> float:

@@ -54,8 +54,9 @@ def _weighted_moments(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndar
     return mean, (c * w[:, None]).T @ c / (n - 1)
 
 
-def weighted_fd(layer: Layer, selected: np.ndarray, sample_weight: np.ndarray) -> float:
-    """FD of one layer with every sample's rows weighted by sample_weight (held outlier rule and medians)."""
+def weighted_fd(layer: Layer, selected: np.ndarray, sample_weight: np.ndarray, mean_only: bool = False) -> float:
+    """FD of one layer (or only its mean term) with every sample's rows weighted by sample_weight (held
+    outlier rule and medians)."""
     v, vs, t, ts = layer
     index = {int(s): i for i, s in enumerate(selected)}
     rv, _ = _held(v.astype(np.float64))
@@ -65,30 +66,47 @@ def weighted_fd(layer: Layer, selected: np.ndarray, sample_weight: np.ndarray) -
     a = wt.sum() / (wt @ norms_t)
     mv, cv = _weighted_moments(a * rv, wv)
     mt, ct = _weighted_moments(a * rt, wt)
+    if mean_only:
+        return float(((mv - mt) ** 2).sum())
     return float(((mv - mt) ** 2).sum() + np.trace(cv) + np.trace(ct) - 2 * trace_sqrt(cv, ct))
 
 
-def finite_difference_influence(layer: Layer, selected: np.ndarray, step: float = 1e-4) -> np.ndarray:
-    """dFD / dw_i at w = 1 for every sample, by central differences."""
+def finite_difference_influence(layer: Layer, selected: np.ndarray, step: float = 1e-4,
+                                mean_only: bool = False) -> np.ndarray:
+    """dFD / dw_i (or of the mean term) at w = 1 for every sample, by central differences."""
     n = len(selected)
     out = np.empty(n)
     for i in range(n):
         e = np.zeros(n)
         e[i] = step
-        out[i] = (weighted_fd(layer, selected, 1 + e) - weighted_fd(layer, selected, 1 - e)) / (2 * step)
+        out[i] = (weighted_fd(layer, selected, 1 + e, mean_only) -
+                  weighted_fd(layer, selected, 1 - e, mean_only)) / (2 * step)
     return out
 
 
-def linearised_bootstrap(fd_total: float, influence: np.ndarray, replicates: int, seed: int) -> dict:
-    """What `mir analyze --bootstrap` publishes, from the total FD and the summed influence values."""
-    n = len(influence)
-    w = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=replicates)
-    totals = fd_total + (w - 1) @ influence
+def published_bootstrap(layers: list[Layer], selected: np.ndarray, replicates: int, seed: int) -> dict:
+    """What `mir analyze --bootstrap` publishes: replicate b weights sample i by w_bi (numpy
+    default_rng(seed) multinomial); per layer FD + (w - 1) . (D - D_mean) + the exact weighted mean term,
+    with D, D_mean the finite-difference influence of FD and of its mean term (the JSON's fd_influence is
+D summed over layers)."""
+    n = len(selected)
+    w = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(np.float64)
+    ones = np.ones(n)
+    totals = np.zeros(replicates)
+    influence = np.zeros(n)
+    for layer in layers:
+        d = finite_difference_influence(layer, selected)
+        d_mean = finite_difference_influence(layer, selected, mean_only=True)
+        influence += d
+        totals += weighted_fd(layer, selected, ones) - weighted_fd(layer, selected, ones, mean_only=True)
+        totals += (w - 1) @ (d - d_mean) + np.array([weighted_fd(layer, selected, row, mean_only=True) for row in w])
+    fd_total = sum(weighted_fd(layer, selected, ones) for layer in layers)
     mirs = np.where(totals > 0, np.log10(np.abs(totals)), np.nan)
     finite = mirs[np.isfinite(mirs)]
     d = influence - influence.mean()
     return {"replicates": replicates, "seed": seed, "level": CI_LEVEL, "unit": "sample", "units": n,
             "ci_low": float(np.quantile(finite, (1 - CI_LEVEL) / 2)),
             "ci_high": float(np.quantile(finite, (1 + CI_LEVEL) / 2)), "std": float(np.std(finite, ddof=1)),
-            "delta_std": float(np.sqrt(d @ d) / (fd_total * math.log(10))), "mir_replicates": mirs}
+            "delta_std": float(np.sqrt(d @ d) / (fd_total * math.log(10))), "mir_replicates": mirs,
+            "fd_influence": influence, "fd_total": fd_total}
 
