@@ -21,10 +21,10 @@ from .cache import StatsCache
 from .config import ReadConfig
 from .dataset import AnalysisResult, result_attrs, to_dataset
 from .engine import STATS_VERSION, compute_stats
-from .gradient import layer_gradient
-from .influence import INFLUENCE_VERSION, LayerInfluence, compute_influence
 from .errors import AnalysisError
 from .frechet import SQRT_MODES
+from .gradient import layer_gradient
+from .influence import INFLUENCE_VERSION, LayerInfluence, compute_influence
 from .results import layer_summary
 from .runner import Runner
 from .select import parse_layers, resolve_samples
@@ -180,6 +180,8 @@ def analyze_selection(selection, options: AnalysisOptions | None = None, *, runn
     if options.bootstrap:
         per_sample = np.stack([influence[layer].d for layer in layers])
         summary = boot.summarize(total, [influence[layer] for layer in layers], options.bootstrap, options.seed)
+        if options.mode != "exact":
+            summary["method"] += f"; about the {options.mode} FD, with the exact trace's per-sample values"
     attrs = result_attrs(mir=mir, mode=options.mode, n_samples=n_samples,
                          n_vision_tokens=int(selection.vision.sizes["token"]),
                          n_text_tokens=int(selection.text.sizes["token"]), settings=settings, bootstrap=summary)

@@ -174,7 +174,8 @@ def compute_influence(selection, grads: dict[int, LayerGradient], stats: dict[in
         sample = position[np.asarray(view["sample"].values, np.int64)]
         for layer, grad in grads.items():
             arr = view.data[int(np.flatnonzero(selection.layers == layer)[0])]
-            params = dask.delayed(InfluenceParams(grad.modality(m), stats[layer].modality(m).norms, precision), pure=True)
+            held = stats[layer].modality(m).norms
+            params = dask.delayed(InfluenceParams(grad.modality(m), held, precision), pure=True)
             edges = np.concatenate([[0], np.cumsum(arr.chunks[0])]).astype(int)
             parts = [dask.delayed(read.map, pure=True)(x, SampleChunk(sample[a:b], n), params)
                      for x, a, b in zip(arr.to_delayed().ravel(), edges[:-1], edges[1:])]
