@@ -5,8 +5,8 @@ Why a gradient: FD is a smooth function of the text scale, the two means and the
 its first-order change under sample weights is a sum over tokens of one scalar each (the nonparametric
 delta method / infinitesimal jackknife). For the trace term f = tr((C_V C_T)^1/2), with C_T = Y_b Y_b^T,
 f = tr(M^1/2), M = Y_b^T C_V Y_b, so df/dC_V = 1/2 Y_b M^-1/2 Y_b^T = 1/2 K_V K_V^T, K_V = Y_b M^-1/4, on
-M's numerical range. With W = Y_a^T Y_b = U S V^T (C_V = Y_a Y_a^T) one SVD gives both sides:
-K_V = Y_b V S^-1/2, K_T = Y_a U S^-1/2. Then a token y (centred) contributes ||y||^2 - ||K^T y||^2 to
+M's numerical range. With W = Y_a^T Y_b = U S V^T (C_V = Y_a Y_a^T) both sides follow:
+K_V = Y_b V S^-1/2, K_T = Y_a U S^-1/2 (U and S from the eigensolve of W W^T, V = W^T U S^-1). Then a token y (centred) contributes ||y||^2 - ||K^T y||^2 to
 tr((I - 2 df/dC) y y^T): one product with a d x r matrix per token, the cost of one Gram product.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ import scipy.linalg as sl
 from .frechet import PsdFactor
 from .stats import LayerStats
 
-RANGE_RTOL = 1e-9  # singular values of W below this share of the largest are outside the numerical range
+RANGE_RTOL = 1e-13  # eigenvalues of W W^T (squared singular values) below this share of the largest: outside
+#                     the numerical range (their square roots are rounding noise at float64)
 
 
 @dataclass(frozen=True)
@@ -50,18 +51,21 @@ class LayerGradient:
 
 
 def trace_sqrt_factors(cv: np.ndarray, ct: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """f = tr((C_V C_T)^1/2), and K_V, K_T with df/dC = 1/2 K K^T (float64, normalised units)."""
+    """f = tr((C_V C_T)^1/2), and K_V, K_T with df/dC = 1/2 K K^T (float64, normalised units).
+
+    From one symmetric eigensolve of W W^T = U S^2 U^T (the trace term's own form, frechet.py; cheaper
+    than an SVD of W): K_T = Y_V U S^-1/2 and, with V = W^T U S^-1, K_V = Y_T W^T U S^-3/2."""
     ya, yb = PsdFactor.of(cv).y, PsdFactor.of(ct).y
     w = ya.T @ yb
     if w.size == 0:
         d = cv.shape[0]
         return 0.0, np.zeros((d, 0)), np.zeros((d, 0))
-    u, s, vt = sl.svd(w, full_matrices=False, lapack_driver="gesdd", check_finite=False)
-    keep = s > RANGE_RTOL * s[0] if s.size and s[0] > 0 else np.zeros(s.shape, bool)
-    root = 1.0 / np.sqrt(s[keep])
-    k_v = (yb @ vt[keep].T) * root
-    k_t = (ya @ u[:, keep]) * root
-    return float(s.sum()), k_v, k_t
+    lam, u = sl.eigh(w @ w.T, driver="evd", check_finite=False)
+    keep = lam > RANGE_RTOL * lam.max() if lam.size and lam.max() > 0 else np.zeros(lam.shape, bool)
+    u, s = u[:, keep], np.sqrt(lam[keep])
+    k_t = (ya @ u) * s ** -0.5
+    k_v = ((yb @ w.T) @ u) * s ** -1.5
+    return float(np.sqrt(np.clip(lam, 0, None)).sum()), k_v, k_t
 
 
 def layer_gradient(stats: LayerStats) -> LayerGradient:

@@ -175,7 +175,9 @@ def compute_influence(selection, grads: dict[int, LayerGradient], stats: dict[in
         for layer, grad in grads.items():
             arr = view.data[int(np.flatnonzero(selection.layers == layer)[0])]
             held = stats[layer].modality(m).norms
-            params = dask.delayed(InfluenceParams(grad.modality(m), held, precision), pure=True)
+            # fewer tokens than channels: rows in memory, float64 like their statistics (inmemory.py)
+            products = "float64" if arr.shape[0] < arr.shape[1] else precision
+            params = dask.delayed(InfluenceParams(grad.modality(m), held, products), pure=True)
             edges = np.concatenate([[0], np.cumsum(arr.chunks[0])]).astype(int)
             parts = [dask.delayed(read.map, pure=True)(x, SampleChunk(sample[a:b], n), params)
                      for x, a, b in zip(arr.to_delayed().ravel(), edges[:-1], edges[1:])]
