@@ -7,7 +7,8 @@ delta method / infinitesimal jackknife). For the trace term f = tr((C_V C_T)^1/2
 f = tr(M^1/2), M = Y_b^T C_V Y_b, so df/dC_V = 1/2 Y_b M^-1/2 Y_b^T = 1/2 K_V K_V^T, K_V = Y_b M^-1/4, on
 M's numerical range. With W = Y_a^T Y_b = U S V^T (C_V = Y_a Y_a^T) both sides follow:
 K_V = Y_b V S^-1/2, K_T = Y_a U S^-1/2 (U and S from the eigensolve of W W^T, V = W^T U S^-1). Then a token y (centred) contributes ||y||^2 - ||K^T y||^2 to
-tr((I - 2 df/dC) y y^T): one product with a d x r matrix per token, the cost of one Gram product.
+tr((I - 2 df/dC) y y^T): one triangular product per token (K K^T's pivoted Cholesky factor), the cost
+of one Gram product.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg as sl
+from scipy.linalg import lapack
 
 from .frechet import PsdFactor
 from .stats import LayerStats
@@ -29,7 +31,8 @@ class ModalityGradient:
 
     mean: np.ndarray  # (d,) raw mean after replacement
     direction: np.ndarray  # (d,) raw: mean_V - mean_T (vision) or mean_T - mean_V (text)
-    k: np.ndarray  # (d, r) K, scaled so ||k^T y_raw||^2 = ||K^T y_normalised||^2
+    perm: np.ndarray  # (d,) channel order of `tri`
+    tri: np.ndarray  # (d, d) lower triangular L, L L^T = a^2 K K^T permuted: ||L^T y[perm]||^2 = ||a K^T y||^2
     median: np.ndarray  # (d,) raw column median, the value of replaced rows
 
 
@@ -68,6 +71,18 @@ def trace_sqrt_factors(cv: np.ndarray, ct: np.ndarray) -> tuple[float, np.ndarra
     return float(np.sqrt(np.clip(lam, 0, None)).sum()), k_v, k_t
 
 
+def triangular_factor(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(perm, L): L lower triangular with L L^T = (K K^T)[perm][:, perm] (pivoted Cholesky), so that
+    ||K^T y||^2 = ||L^T y[perm]||^2 costs a triangular product per row: half a general one."""
+    d = k.shape[0]
+    c, piv, rank, info = lapack.dpstrf(k @ k.T, lower=1)
+    if info < 0:
+        raise ValueError(f"dpstrf argument {-info} is invalid")
+    tri = np.tril(c)
+    tri[:, rank:] = 0.0
+    return (piv - 1).astype(np.int64), np.asfortranarray(tri) if d else tri
+
+
 def layer_gradient(stats: LayerStats) -> LayerGradient:
     """The exact-trace FD of the layer and its gradient pieces (see the module docstring)."""
     a = stats.scale()
@@ -79,7 +94,8 @@ def layer_gradient(stats: LayerStats) -> LayerGradient:
     grads, totals = {}, {}
     for name, mom, k, sign in (("vision", mv, k_v, 1.0), ("text", mt, k_t, -1.0)):
         s = stats.modality(name)
-        grads[name] = ModalityGradient(mom.mean, sign * (mv.mean - mt.mean), k * a, s.median)
+        perm, tri = triangular_factor(k * a)
+        grads[name] = ModalityGradient(mom.mean, sign * (mv.mean - mt.mean), perm, tri, s.median)
         dev = s.median - mom.mean
         totals[name] = {"n": mom.n, "trace_cov": float(np.trace(cv if name == "vision" else ct)),
                         "median_sq": float(dev @ dev), "median_quad": float(np.sum((dev @ k * a) ** 2)),

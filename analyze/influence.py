@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import dask
 import numpy as np
+from scipy.linalg import blas
 
 from .engine import MODALITIES, tree_combine
 from .gradient import LayerGradient, ModalityGradient
@@ -88,6 +89,15 @@ class InfluenceParams:
     norms: NormSummary  # the held outlier rule
     precision: str = "float32"  # the products (--precision); accumulation is float64 either way
 
+    @property
+    def tri(self) -> np.ndarray:
+        """The triangular factor in the products' precision, Fortran order (BLAS trmm), converted once."""
+        cached = self.__dict__.get("_tri")
+        if cached is None:
+            cached = np.asfortranarray(self.gradient.tri, np.float32 if self.precision == "float32" else np.float64)
+            object.__setattr__(self, "_tri", cached)
+        return cached
+
 
 def map_chunk(x, chunk: SampleChunk, params: InfluenceParams) -> SampleSums:
     """Per-sample counts, outliers, norm sums and the three sums over non-outlier rows (products in the
@@ -102,15 +112,16 @@ def map_chunk(x, chunk: SampleChunk, params: InfluenceParams) -> SampleSums:
     s = chunk.sample
     vectors = np.zeros((n, x.shape[1]))
     work = np.float32 if params.precision == "float32" else np.float64
-    mean, direction, k = g.mean.astype(work), g.direction.astype(work), g.k.astype(work)
+    trmm = blas.strmm if work is np.float32 else blas.dtrmm
+    mean, direction, tri = g.mean.astype(work), g.direction.astype(work), params.tri
     for start in range(0, len(x), STEP_ROWS):
         rows = slice(start, start + STEP_ROWS)
         y = np.subtract(x[rows], mean, dtype=work)
         y[out[rows]] = 0
         lin[rows] = y @ direction
         sq[rows] = np.einsum("ij,ij->i", y, y, dtype=np.float64)
-        p = y @ k
-        quad[rows] = np.einsum("ij,ij->i", p, p, dtype=np.float64)
+        p = trmm(1.0, tri, np.ascontiguousarray(y[:, g.perm]).T, side=0, lower=1, trans_a=1, overwrite_b=1)
+        quad[rows] = np.einsum("ji,ji->i", p, p, dtype=np.float64)
         for i in np.unique(s[rows]):
             vectors[i] += y[s[rows] == i].sum(axis=0, dtype=np.float64)
     values = np.stack([np.bincount(s, minlength=n).astype(np.float64), np.bincount(s, weights=out, minlength=n),
