@@ -48,7 +48,7 @@ def exact_mean_terms(layer, w: np.ndarray) -> np.ndarray:
     """a(w)^2 ||mu_V(w) - mu_T(w)||^2 for each row of sample weights w (held outlier rule and medians)."""
     n_v, n_t = w @ layer.n_v, w @ layer.n_t
     a = n_t / (w @ layer.u)
-    g_vv, g_vt, g_tt = (np.einsum("bi,ij,bj->b", w, g, w) for g in layer.gram)
+    g_vv, g_vt, g_tt = (np.sum((w @ g) * w, axis=1) for g in layer.gram)  # w^T G w per row, by BLAS
     raw = layer.mean_term / layer.scale ** 2 + 2 * (w @ layer.lin_v / n_v + w @ layer.lin_t / n_t) \
         + g_vv / n_v ** 2 - 2 * g_vt / (n_v * n_t) + g_tt / n_t ** 2
     return a * a * raw
