@@ -63,11 +63,12 @@ def trace_sqrt_factors(cv: np.ndarray, ct: np.ndarray) -> tuple[float, np.ndarra
     if w.size == 0:
         d = cv.shape[0]
         return 0.0, np.zeros((d, 0)), np.zeros((d, 0))
-    lam, u = sl.eigh(w @ w.T, driver="evd", check_finite=False)
+    lam, u = sl.eigh(w @ w.T, driver="evd", check_finite=False, overwrite_a=True)
     keep = lam > RANGE_RTOL * lam.max() if lam.size and lam.max() > 0 else np.zeros(lam.shape, bool)
     u, s = u[:, keep], np.sqrt(lam[keep])
     k_t = (ya @ u) * s ** -0.5
-    k_v = ((yb @ w.T) @ u) * s ** -1.5
+    del ya
+    k_v = ((yb @ w.T) @ u) * s ** -1.5  # d x d matrices are freed as they are used: memory at large d
     return float(np.sqrt(np.clip(lam, 0, None)).sum()), k_v, k_t
 
 
