@@ -1,9 +1,10 @@
 """`analyze_selection`: MIR and the related statistics of a Selection, with cache and bootstrap.
 
-Layers are processed in groups sized to the memory budget: for each group the sufficient
+Layers are processed in batches sized to the memory budget: for each batch the sufficient
 statistics are read from the cache or computed (engine), written to the cache, turned into numbers
-and, for the bootstrap, into per-replicate FDs; then dropped. So memory holds one group's d x d
-statistics, however many layers and samples there are.
+and, for the bootstrap, into per-sample influence values (one more read of the batch's layers unless
+cached; influence.py); then dropped. So memory holds one batch's d x d statistics, however many layers
+and samples there are, and the bootstrap keeps N values per layer.
 """
 from __future__ import annotations
 
@@ -13,16 +14,20 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import xarray as xr
-from storage_schemas.provenance import library_versions
+from storage_schemas import MODALITIES, open_archive
 
 from . import bootstrap as boot
 from .cache import StatsCache
-from .engine import STATS_VERSION, compute_stats, sample_blocks
+from .config import ReadConfig
+from .dataset import AnalysisResult, result_attrs, to_dataset
+from .engine import STATS_VERSION, compute_stats
 from .errors import AnalysisError
 from .frechet import SQRT_MODES
-from .results import layer_summary, to_dataset
+from .gradient import layer_gradient
+from .influence import INFLUENCE_VERSION, LayerInfluence, compute_influence
+from .results import layer_summary
 from .runner import Runner
+from .select import parse_layers, resolve_samples
 
 log = logging.getLogger(__name__)
 MIN_STABLE_SAMPLES = 20  # the MIR paper (Table 6) reports MIR stable from N >= 20
@@ -35,62 +40,16 @@ class AnalysisOptions:
     precision: str = "float32"  # Gram products (float64 accumulation either way)
     bootstrap: int = 0  # replicates; 0 = none
     seed: int = 0
-    blocks: int = 20  # sample blocks kept for the bootstrap
     cache: bool = True
     cache_dir: str | None = None
     memory_limit: int | None = None  # bytes; None = half the machine's memory
+    reads: ReadConfig = field(default_factory=ReadConfig)  # how much the one-read scan guesses (never results)
 
     def validate(self) -> None:
         if self.mode not in SQRT_MODES:
             raise AnalysisError(f"unknown --sqrt mode {self.mode!r}; choose one of {', '.join(SQRT_MODES)}")
-        if self.bootstrap < 0 or self.blocks < 1:
-            raise AnalysisError("--bootstrap and --bootstrap-blocks must be positive")
-
-
-@dataclass
-class AnalysisResult:
-    mir: float
-    mode: str
-    dataset: xr.Dataset
-    layers: list[dict]
-    n_samples: int
-    n_vision_tokens: int
-    n_text_tokens: int
-    settings: dict
-    bootstrap: dict | None = None
-    warnings: list[str] = field(default_factory=list)
-    cache: dict = field(default_factory=dict)
-    elapsed_s: float = 0.0
-
-    def to_json(self) -> dict:
-        layers = []
-        for s in self.layers:
-            row = {k: v for k, v in s.items() if k not in ("vision", "text")}
-            for m in ("vision", "text"):
-                row[m] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in s[m].items()}
-            layers.append(_json_safe(row))
-        return _json_safe({
-            "mir": self.mir, "mode": self.mode, "n_samples": self.n_samples, "n_vision_tokens": self.n_vision_tokens,
-            "n_text_tokens": self.n_text_tokens, "layers": layers, "bootstrap": self.bootstrap,
-            "warnings": self.warnings, "settings": self.settings, "cache": self.cache, "elapsed_s": self.elapsed_s,
-            "versions": versions(),
-        })
-
-
-def _json_safe(obj):
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def versions() -> dict:
-    return library_versions(("numpy", "scipy", "dask", "distributed", "zarr", "xarray"))
+        if self.bootstrap < 0:
+            raise AnalysisError("--bootstrap must be 0 or positive")
 
 
 def _memory_plan(selection, workers: int, memory_limit: int | None) -> tuple[int, int]:
@@ -104,19 +63,8 @@ def _memory_plan(selection, workers: int, memory_limit: int | None) -> tuple[int
     return memory_limit - working, 2 * 3 * d * d * 8  # both modalities, ~3 copies while merging
 
 
-def bootstrap_blocks(selection, wanted: int, workers: int, memory_limit: int | None) -> int:
-    """Sample blocks kept for the bootstrap: as asked, unless one layer's statistics would not fit."""
-    room, per_block = _memory_plan(selection, workers, memory_limit)
-    fit = max(2, int(room // per_block))
-    k = len(sample_blocks(selection.sample_index, min(wanted, fit)))
-    if k < min(wanted, len(selection.sample_index)):
-        log.warning("keeping %d sample blocks instead of %d for the bootstrap: 2 x K x d^2 x 8 bytes per layer "
-                    "must fit the memory budget (raise --memory-limit for more)", k, wanted)
-    return k
-
-
-def layer_groups(selection, layers: list[int], blocks: int, workers: int, memory_limit: int | None) -> list[list[int]]:
-    """Split layers so a group's d x d statistics and per-token norms (float64) and outlier flags fit the
+def layer_batches(selection, layers: list[int], blocks: int, workers: int, memory_limit: int | None) -> list[list[int]]:
+    """Split layers into batches whose d x d statistics and per-token norms (float64) and outlier flags fit the
     memory budget next to the workers' blocks."""
     room, per_block = _memory_plan(selection, workers, memory_limit)
     tokens = int(selection.vision.sizes["token"]) + int(selection.text.sizes["token"])
@@ -142,24 +90,60 @@ def _cache_key(selection, layer: int, blocks: int, precision: str) -> dict:
             "precision": precision}
 
 
-def _group_stats(selection, group: list[int], blocks: int, precision: str, cache: StatsCache | None,
+def _batch_influence(selection, batch: list[int], stats: dict, options: AnalysisOptions,
+                     cache: StatsCache | None, runner: Runner) -> dict[int, LayerInfluence]:
+    """Per-sample influence values of a batch of layers: cached, or one read of the missing layers."""
+    keys = {layer: {**_cache_key(selection, layer, 1, options.precision), "kind": "influence",
+                    "influence_version": INFLUENCE_VERSION} for layer in batch}
+    found = {}
+    if cache is not None:
+        for layer in batch:
+            values = cache.load_values(keys[layer])
+            if values is not None and values["d"].shape == (len(selection.sample_index),):
+                found[layer] = LayerInfluence.from_arrays(values)
+    missing = [layer for layer in batch if layer not in found]
+    if missing:
+        grads = dict(zip(missing, runner.map(lambda layer: layer_gradient(stats[layer]), missing)))
+        for layer, values in compute_influence(selection, grads, stats, runner, options.precision).items():
+            if cache is not None:
+                cache.store_values(keys[layer], values.to_arrays())
+            found[layer] = values
+    return found
+
+
+def _batch_stats(selection, batch: list[int], blocks: int, options: AnalysisOptions, cache: StatsCache | None,
                  runner: Runner, hits: list[int]) -> dict:
-    """Sufficient statistics of a group of layers: from the cache where present, else computed and cached."""
-    keys = {layer: _cache_key(selection, layer, blocks, precision) for layer in group}
+    """Sufficient statistics of a batch of layers: from the cache where present, else computed and cached."""
+    keys = {layer: _cache_key(selection, layer, blocks, options.precision) for layer in batch}
     stats = {}
     if cache is not None:
-        for layer in group:
+        for layer in batch:
             found = cache.load(keys[layer])
             if found is not None:
                 stats[layer] = found
                 hits.append(layer)
-    missing = [layer for layer in group if layer not in stats]
+    missing = [layer for layer in batch if layer not in stats]
     if missing:
-        for layer, st in compute_stats(selection, missing, blocks=blocks, precision=precision, runner=runner).items():
+        for layer, st in compute_stats(selection, missing, blocks=blocks, precision=options.precision,
+                                        runner=runner, config=options.reads).items():
             if cache is not None:
                 cache.store(keys[layer], st)
             stats[layer] = st
     return stats
+
+
+def analyze_archives(locations: list[str] | str, *, layers: str | None = None, samples: str | None = None,
+                     where: str | None = None, text_tokens: str | None = None,
+                     options: AnalysisOptions | None = None, runner: Runner | None = None,
+                     storage_options: dict | None = None) -> AnalysisResult:
+    """The library entry point of `mir analyze` / `mir stats` / `mir study`: open the archive (parts read
+    as one), select samples and layers from their text form (select.py), and analyse. Raises
+    AnalysisError / storage_schemas.ArchiveError with a message for the user."""
+    archive = open_archive(list(locations) if isinstance(locations, (list, tuple)) else locations, storage_options)
+    rows = resolve_samples(archive, samples, where)
+    chosen = parse_layers(layers, archive.layers, archive.hidden_states_entries)
+    selection = archive.select(samples=rows, layers=chosen, text_tokens=text_tokens)
+    return analyze_selection(selection, options, runner=runner)
 
 
 def analyze_selection(selection, options: AnalysisOptions | None = None, *, runner: Runner | None = None,
@@ -175,71 +159,65 @@ def analyze_selection(selection, options: AnalysisOptions | None = None, *, runn
     n_samples = int(len(selection.sample_index))
     if n_samples == 0:
         raise AnalysisError("the selection holds no samples")
-    blocks = bootstrap_blocks(selection, options.blocks, runner.workers, options.memory_limit) \
-        if options.bootstrap else 1
-    weights = boot.bootstrap_weights(options.bootstrap, blocks, options.seed) if options.bootstrap else None
+    if options.bootstrap and n_samples < 2:
+        raise AnalysisError("--bootstrap needs at least 2 samples in the selection (samples are resampled)")
+    blocks = 1
     cache = StatsCache.for_archive(selection.archive, options.cache_dir) if options.cache else None
-    summaries, fd_reps, hits = {}, {}, []
-    for group in layer_groups(selection, layers, blocks, runner.workers, options.memory_limit):
-        stats = _group_stats(selection, group, blocks, options.precision, cache, runner, hits)
-        found = runner.map(lambda st: layer_summary(st, options.mode), [stats[layer] for layer in group])
-        summaries.update(zip(group, found))
-        if weights is not None:
-            for layer in group:
-                fd_reps[layer] = boot.replicate_fds(stats[layer], options.mode, weights, runner.map)
+    summaries, influence, hits = {}, {}, []
+    for batch in layer_batches(selection, layers, blocks, runner.workers, options.memory_limit):
+        stats = _batch_stats(selection, batch, blocks, options, cache, runner, hits)
+        found = runner.map(lambda st: layer_summary(st, options.mode), [stats[layer] for layer in batch])
+        summaries.update(zip(batch, found))
+        if options.bootstrap:
+            influence.update(_batch_influence(selection, batch, stats, options, cache, runner))
     ordered = [summaries[layer] for layer in layers]
     total = sum(s["fd"] for s in ordered)
     mir = math.log10(total) if total > 0 else math.nan
-    settings = {**asdict(options), "layers": layers, "blocks_kept": blocks, "text_tokens": selection.text_tokens,
+    settings = {**asdict(options), "layers": layers, "text_tokens": selection.text_tokens,
                 "archive": selection.archive.paths, "archive_fingerprint": selection.archive.fingerprint,
                 "selection": selection.key, "scheduler": runner.describe()}
-    result = AnalysisResult(
-        mir=mir, mode=options.mode, dataset=None, layers=ordered, n_samples=n_samples,
-        n_vision_tokens=int(selection.vision.sizes["token"]), n_text_tokens=int(selection.text.sizes["token"]),
-        settings=settings,
-        cache={"location": str(cache.directory) if cache else None, "layers_reused": hits},
-    )
-    if weights is not None:
-        result.bootstrap = boot.summarize(np.stack([fd_reps[layer] for layer in layers], axis=1), options.seed,
-                                          blocks)
-    result.warnings = _warnings(result, total)
+    summary, per_sample = None, None
+    if options.bootstrap:
+        per_sample = np.stack([influence[layer].d for layer in layers])
+        summary = boot.summarize(total, [influence[layer] for layer in layers], options.bootstrap, options.seed)
+        if options.mode != "exact":
+            summary["method"] += f"; about the {options.mode} FD, with the exact trace's per-sample values"
+    attrs = result_attrs(mir=mir, mode=options.mode, n_samples=n_samples,
+                         n_vision_tokens=int(selection.vision.sizes["token"]),
+                         n_text_tokens=int(selection.text.sizes["token"]), settings=settings, bootstrap=summary)
+    dataset = to_dataset(ordered, attrs, None if summary is None else summary["mir_replicates"],
+                         None if per_sample is None else (selection.sample_ids, per_sample))
+    result = AnalysisResult(dataset, settings,
+                            cache={"location": str(cache.directory) if cache else None, "layers_reused": hits})
+    result.warnings = _warnings(dataset, total)
     result.elapsed_s = time.perf_counter() - start
-    result.dataset = to_dataset(ordered, _dataset_attrs(result))
     return result
 
 
-def _dataset_attrs(result: AnalysisResult) -> dict:
-    import json
-    attrs = {"mir": result.mir, "sqrt_mode": result.mode, "n_samples": result.n_samples,
-             "n_vision_tokens": result.n_vision_tokens, "n_text_tokens": result.n_text_tokens,
-             "settings": json.dumps(_json_safe(result.settings)), "versions": json.dumps(versions())}
-    if result.bootstrap:
-        attrs.update({"mir_ci_low": result.bootstrap["ci_low"], "mir_ci_high": result.bootstrap["ci_high"],
-                      "bootstrap_replicates": result.bootstrap["replicates"]})
-    return attrs
-
-
-def _warnings(result: AnalysisResult, total: float) -> list[str]:
+def _warnings(ds, total: float) -> list[str]:
     out = []
-    if result.n_samples < MIN_STABLE_SAMPLES:
-        out.append(f"only {result.n_samples} samples: the MIR paper reports MIR stable from N >= "
+    n_samples = int(ds.attrs["n_samples"])
+    if n_samples < MIN_STABLE_SAMPLES:
+        out.append(f"only {n_samples} samples: the MIR paper reports MIR stable from N >= "
                    f"{MIN_STABLE_SAMPLES} samples; treat this value as noisy")
     if not total > 0:
         out.append(f"the sum of per-layer FDs is {total:.6g} (not positive): MIR = log10(sum) is undefined")
-    if result.mode == "reference-fast":
+    if ds.attrs["sqrt_mode"] == "reference-fast":
         out.append("reference-fast reproduces the reference code's fast mode, whose iteration starts at a fixed "
                    "point of its update (in exact arithmetic it would return C_V C_T, not its square root); in "
                    "float32 that fixed point is unstable, so its trace term is amplified rounding noise, not "
                    "reproducible beyond that noise (MIR_SPEC measured MIR 0.06-0.095 above the exact value, FD "
                    "14-28% too high, on synthetic archives). The paper (section 2.1) says this shortcut's error "
                    "stays \"below 1%\". Use --sqrt exact for a Fréchet distance")
-    for s in result.layers:
-        scale = s["vision"]["total_variance"] + s["text"]["total_variance"]
-        if scale > 0 and s["negative_eigenvalue_mass"] > 1e-6 * scale:
-            out.append(f"layer {s['layer']}: clipped negative eigenvalue mass {s['negative_eigenvalue_mass']:.3g} "
+    scale = ds["total_variance"].sum("modality")
+    negative = ds["negative_eigenvalue_mass"]
+    for layer in ds["layer"].values:
+        at = {"layer": layer}
+        if scale.sel(at) > 0 and negative.sel(at) > 1e-6 * scale.sel(at):
+            out.append(f"layer {layer}: clipped negative eigenvalue mass {float(negative.sel(at)):.3g} "
                        "in the trace term (rounding in a rank-deficient product)")
-        low = [m for m in ("vision", "text") if s[m]["tokens_per_channel"] < 1]
+        low = [m for m in MODALITIES if ds["tokens_per_channel"].sel(layer=layer, modality=m) < 1]
         if low:
-            out.append(f"layer {s['layer']}: fewer {' and '.join(low)} tokens than channels: the covariance is "
+            out.append(f"layer {layer}: fewer {' and '.join(low)} tokens than channels: the covariance is "
                        "rank-deficient (the exact trace handles it; reference modes may be unstable)")
     return out

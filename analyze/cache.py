@@ -123,6 +123,49 @@ class StatsCache:
             log.warning("cannot write the analysis cache in %s (%s); continuing without it", self.directory, exc)
             return None
 
+    def store_values(self, key: dict, values: dict[str, np.ndarray]) -> Path | None:
+        """Small float64 arrays (a layer's per-sample influence values), written atomically like an entry."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = self.directory / f".tmp-{uuid.uuid4().hex}"
+            root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+            for name, value in values.items():
+                arr = np.asarray(value, np.float64)
+                root.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=arr.shape, **_codecs())
+                with zarr.config.set({"array.write_empty_chunks": True}):
+                    root[name][...] = arr
+            root.attrs.update({"format": FORMAT, "key": key, "complete": True})
+            final = self.directory / self.values_name(key)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._purge()
+            return final
+        except OSError as exc:
+            log.warning("cannot write the analysis cache in %s (%s); continuing without it", self.directory, exc)
+            return None
+
+    def load_values(self, key: dict) -> dict[str, np.ndarray] | None:
+        """The arrays stored under `key`, or None (missing, incomplete, another key, damaged: then removed)."""
+        path = self.directory / self.values_name(key)
+        if not path.is_dir():
+            return None
+        try:
+            root = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r", zarr_format=3)
+            attrs = dict(root.attrs)
+            if attrs.get("complete") is not True or json.loads(json.dumps(attrs.get("key"))) != \
+                    json.loads(json.dumps(key)):
+                raise ValueError("incomplete entry or another key")
+            return {name: np.asarray(arr[...], np.float64) for name, arr in root.arrays()}
+        except Exception as exc:  # any damage makes it a miss
+            log.warning("ignoring damaged analysis cache entry %s (%s); it will be recomputed", path, exc)
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+
+    def values_name(self, key: dict) -> str:
+        return f"{self.fingerprint}-L{key['layer']}-{_hash(key)}-V"
+
     def _purge(self) -> None:
         """Remove entries of other archive contents and temporary folders abandoned by killed runs."""
         now = time.time()

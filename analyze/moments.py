@@ -102,3 +102,29 @@ def block_moments(x: np.ndarray, keep: np.ndarray, precision: str = "float32", c
     mean = shift.astype(np.float64) + total / n
     m2 = gram - np.outer(total, total / n)
     return Moments(n, mean, m2)
+
+
+@dataclass(frozen=True)
+class BlockMoments:
+    """Moments per bootstrap sample block (id -> Moments) of some rows: what a read of the moments
+    returns. Combines block by block, in any order and grouping (Moments.merge is associative up to
+    rounding)."""
+
+    by_block: dict[int, Moments]
+
+    @classmethod
+    def none(cls) -> "BlockMoments":
+        return cls({})
+
+    def combine(self, other: "BlockMoments") -> "BlockMoments":
+        out = dict(self.by_block)
+        for k, m in other.by_block.items():
+            out[k] = out[k].merge(m) if k in out else m
+        return BlockMoments(out)
+
+    def of_block(self, k: int, d: int) -> Moments:
+        return self.by_block.get(k, Moments.empty(d))
+
+    def apply(self, progress) -> None:
+        """As a read's outcome: the exact moments of the non-outlier rows."""
+        progress.inliers = self

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import DEFAULT
 from .errors import AnalysisError
 
 SUB_ROWS = 2048  # rows per inner step: keeps temporaries in cache and memory small
-GATHER_BUDGET = 2_000_000  # candidates (over all columns of one layer and modality) selected in memory
 
 _UINT = {2: np.uint16, 4: np.uint32}
 # Top byte (sign + exponent + mantissa bits) in value order: negatives from most negative, then positives.
@@ -56,15 +56,11 @@ class RadixState:
     def done(self) -> bool:
         return self.values is not None
 
-    def next_step(self) -> str:
-        """'hist' (count the next byte) or 'gather' (collect the remaining candidates)."""
-        if self.fixed == 0 or self.key_bytes - self.fixed == 1:
-            return "hist"
-        return "gather" if int(self.count.sum()) <= GATHER_BUDGET else "hist"
-
-    def request(self) -> tuple[str, int, np.ndarray]:
-        """What a block kernel must compute: (step, bytes fixed, raw prefix per column)."""
-        return self.next_step(), self.fixed, self.prefix.copy()
+    def next_read(self, gather_budget: int = DEFAULT.gather_budget) -> "DigitRead | GatherRead":
+        """The next median-only read: count the next byte, or (once few enough candidates remain, and
+        never for the top byte or the last one) gather the candidates and select in memory."""
+        gather = 0 < self.fixed < self.key_bytes - 1 and int(self.count.sum()) <= gather_budget
+        return (GatherRead if gather else DigitRead)(self.fixed, self.prefix.copy())
 
     # ----------------------------------------------------------------- updates
     def apply_histogram(self, counts: np.ndarray) -> None:
@@ -110,6 +106,56 @@ class RadixState:
         bits = raw.astype(_UINT[self.itemsize])
         dtype = np.float16 if self.itemsize == 2 else np.float32
         self.values = bits.view(dtype).astype(np.float64)
+
+
+# --------------------------------------------------------------------- reads and their partials
+@dataclass(frozen=True)
+class DigitCounts:
+    """Per-column counts (d, 256) of the next raw byte among the candidates: adds up across chunks."""
+
+    counts: np.ndarray
+
+    def combine(self, other: "DigitCounts") -> "DigitCounts":
+        return DigitCounts(self.counts + other.counts)
+
+    def apply_to(self, state: RadixState) -> None:
+        state.apply_histogram(self.counts)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """(column, raw bits) of every remaining candidate: concatenates across chunks."""
+
+    cols: np.ndarray
+    raw: np.ndarray
+
+    def combine(self, other: "Candidates") -> "Candidates":
+        return Candidates(np.concatenate([self.cols, other.cols]), np.concatenate([self.raw, other.raw]))
+
+    def apply_to(self, state: RadixState) -> None:
+        state.apply_gather(self.cols, self.raw)
+
+
+@dataclass(frozen=True)
+class DigitRead:
+    """Count the byte below the `fixed` top bytes, among values whose top bytes equal `prefix`."""
+
+    fixed: int
+    prefix: np.ndarray
+
+    def map(self, x: np.ndarray) -> DigitCounts:
+        return DigitCounts(byte_histogram(x, self.fixed, self.prefix))
+
+
+@dataclass(frozen=True)
+class GatherRead:
+    """Collect the values whose top `fixed` bytes equal `prefix` (the last few candidates)."""
+
+    fixed: int
+    prefix: np.ndarray
+
+    def map(self, x: np.ndarray) -> Candidates:
+        return Candidates(*gather_candidates(x, self.fixed, self.prefix))
 
 
 # --------------------------------------------------------------------- block kernels
@@ -158,10 +204,3 @@ def _matches(blk: np.ndarray, fixed: int, prefix: np.ndarray) -> np.ndarray:
     uint = _UINT[itemsize]
     shift = uint(8 * (itemsize - fixed))
     return np.flatnonzero((blk.view(uint) >> shift) == prefix.astype(uint))
-
-
-def merge_gathers(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    parts = [p for p in parts if len(p[0])]
-    if not parts:
-        return np.zeros(0, np.int32), np.zeros(0, np.uint32)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

@@ -1,12 +1,12 @@
 """From a layer's sufficient statistics to its numbers: FD (and its split), the related statistics
-and the diagnostics of the computation; and the per-layer xarray Dataset of a whole analysis."""
+and the diagnostics of the computation. `layer_summary` is the one place that defines the per-layer
+numbers an analysis publishes (dataset.to_dataset turns them into the result's Dataset)."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import scipy.linalg as sl
-import xarray as xr
 from scipy.sparse.linalg import eigsh
 from storage_schemas.schema import MODALITIES
 
@@ -72,24 +72,3 @@ def layer_summary(stats: LayerStats, mode: str) -> dict:
             "tokens_per_channel": s.n / s.d, "data_passes": s.passes, **_spectrum_stats(cov, factor),
         }
     return out
-
-
-def to_dataset(summaries: list[dict], attrs: dict) -> xr.Dataset:
-    """The per-layer results as an xarray Dataset (dims layer, modality, rank)."""
-    layers = [s["layer"] for s in summaries]
-    data = {}
-    for name in ("fd", "fd_mean_term", "fd_covariance_term", "trace_sqrt", "scale", "centroid_cosine",
-                 "negative_eigenvalue_mass"):
-        data[name] = ("layer", np.array([s[name] for s in summaries], dtype=np.float64))
-    data["route"] = ("layer", np.array([s["route"] for s in summaries], dtype=str))
-    per_mod = ("tokens", "outliers", "norm_mean", "norm_median", "norm_std", "outlier_threshold",
-               "tokens_per_channel", "total_variance", "effective_rank", "condition_number", "numerical_rank",
-               "data_passes")
-    for name in per_mod:
-        data[name] = (("layer", "modality"), np.array([[s[m][name] for m in MODALITIES] for s in summaries]))
-    data["leading_eigenvalues"] = (("layer", "modality", "rank"),
-                                   np.array([[s[m]["leading_eigenvalues"] for m in MODALITIES] for s in summaries]))
-    ds = xr.Dataset(data, coords={"layer": np.array(layers, dtype=np.int64), "modality": list(MODALITIES),
-                                  "rank": np.arange(1, LEADING + 1)}, attrs=attrs)
-    ds["fd"].attrs["long_name"] = "Frechet distance of text-normalised vision and text tokens"
-    return ds

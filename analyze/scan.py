@@ -1,122 +1,138 @@
-"""The scan's results for one layer and modality: merged block by block, then finished in one task.
+"""The scan's partial result (one chunk, or several combined) and its finish for one unit (a layer
+and modality): the exact outlier rule and median top byte, then whatever the scan's guesses allow.
 
-Why a finishing task: the raw rows and the window counts a scan carries are only needed until the
-exact outlier rule and the median's top byte are known. Finishing on the worker, as soon as the
-layer's last block is merged, turns them into d x d moments and a 256-bin histogram per column, so
-the client never holds more than compact statistics, whatever the number of layers in flight.
+Why a finish on the worker: the raw rows and the window counts a scan carries are only needed until
+the exact outlier rule and the median's top byte are known. Finishing as soon as the unit's last
+chunk is combined turns them into d x d moments and a 256-bin histogram per column, so the client
+never holds more than compact statistics, whatever the number of layers in flight. The limits on
+what a partial keeps (ReadConfig) are applied by `bounded`, on every partial, one chunk included.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .moments import Moments, block_moments, gram_precision
+from .config import ReadConfig
+from .errors import AnalysisError
+from .moments import BlockMoments, block_moments, gram_precision
 from .radix import RadixState
 from .stats import NormSummary
 from .window import WindowCounts
 
-RAW_ROWS_BYTES = 64 * 2**20  # raw rows kept per layer and modality; beyond that: a second read
-SPARSE_KEPT_PER_COLUMN = 8192  # gathered median candidates per column of a layer and modality; beyond: idem
-DENSE_SLOTS_PER_COLUMN = 64  # window histograms kept per column (blocks' windows differ a little); beyond: idem
-DENSE_SLOTS_BYTES = 128 * 2**20  # ... and in all, unless 16 per column need more
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UnitFacts:
+    """What a read's finish needs to know about its unit (one layer and modality)."""
+
+    layer: int
+    modality: str
+    dtype: np.dtype  # stored dtype
+    key_bytes: int  # significant bytes of the median's keys: 2 for float16 and bfloat16-in-float32
+    sample_block: np.ndarray  # (n,) bootstrap sample block of every token
+    sample_row: np.ndarray  # (n,) archive sample row of every token (for error messages)
+    sample_blocks: int  # K
+
+    def check_finite(self, norms: np.ndarray) -> None:
+        bad = ~np.isfinite(norms)
+        if bad.any():
+            tok = int(np.flatnonzero(bad)[0])
+            raise AnalysisError(f"layer {self.layer}, {self.modality}: token {tok} (sample row "
+                                f"{int(self.sample_row[tok])}) holds NaN or Inf values ({int(bad.sum())} such "
+                                "tokens); MIR is undefined. Exclude those samples with --samples / --where.")
+
+
+@dataclass(frozen=True)
+class ScanPartial:
+    """The scan of consecutive rows of one unit."""
+
+    norms: np.ndarray  # (rows,) float64
+    hist: np.ndarray  # (d, 256) top-byte counts
+    low_bits: bool  # a float32 value with low 16 bits set (only looked for in bfloat16 archives)
+    window: WindowCounts | None  # second-byte counts in the guessed windows; None: too many kept, not known
+    moments: BlockMoments  # of the sure inliers
+    sure: np.ndarray  # (rows,) bool: taken as sure inliers
+    raw_index: np.ndarray  # rows (in the unit) not taken as sure, kept raw ...
+    raw: np.ndarray  # ... their values
+    overflow: bool  # too many raw rows: dropped, the inlier moments need a second read
+    config: ReadConfig
+
+    def bounded(self) -> "ScanPartial":
+        """The same partial within the config's limits: what exceeds them is dropped and marked unknown."""
+        d, cfg = self.hist.shape[0], self.config
+        window = self.window
+        if window is not None and len(window.sparse_keys) > cfg.sparse_kept_per_column * d:
+            window = window.without_sparse()
+        if window is not None and len(window.keys) > cfg.dense_slots_kept(d):
+            window = None  # the chunks disagree too much: the median needs a second read
+        overflow = self.overflow or self.raw.nbytes > cfg.raw_rows_bytes
+        raw_index, raw = (self.raw_index[:0], self.raw[:0]) if overflow else (self.raw_index, self.raw)
+        return replace(self, window=window, overflow=overflow, raw_index=raw_index, raw=raw)
+
+    def combine(self, other: "ScanPartial") -> "ScanPartial":
+        """The scan of self's rows followed by other's: row-wise fields keep their order."""
+        window = None if self.window is None or other.window is None else self.window.merge(other.window)
+        return ScanPartial(
+            np.concatenate([self.norms, other.norms]), self.hist + other.hist, self.low_bits or other.low_bits,
+            window, self.moments.combine(other.moments), np.concatenate([self.sure, other.sure]),
+            np.concatenate([self.raw_index, other.raw_index]), np.concatenate([self.raw, other.raw]),
+            self.overflow or other.overflow, self.config).bounded()
 
 
 @dataclass
-class ScanResult:
-    """What the client learns from the scan of one layer and modality."""
+class ScanOutcome:
+    """What the client learns from the scan of one unit."""
 
-    norms: np.ndarray
     low_bits: bool
-    summary: NormSummary | None = None
-    outliers: np.ndarray | None = None
-    state: RadixState | None = None  # median: top byte fixed, and the second byte when the window held it
-    inliers: dict[int, Moments] | None = None  # per sample block; None when a second read must compute them
-    rows: np.ndarray | None = None  # every row, for layers with fewer tokens than channels
+    summary: NormSummary
+    outliers: np.ndarray  # (n,) bool
+    norms: np.ndarray
+    median: RadixState  # top byte fixed, and the second byte when the window held it
+    inliers: BlockMoments | None  # None: a guess missed, a second read computes them
+
+    def apply(self, progress) -> None:
+        if self.low_bits:
+            log.warning("layer %s %s: the archive says bfloat16 but low 16 bits are set; using all 32 bits",
+                        progress.facts.layer, progress.facts.modality)
+        progress.summary, progress.outliers, progress.norms = self.summary, self.outliers, self.norms
+        progress.median, progress.inliers = self.median, self.inliers
 
 
-def merge_moments(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for gid, m in b.items():
-        out[gid] = out[gid].merge(m) if gid in out else m
-    return out
-
-
-def merge_scan(a: dict, b: dict) -> dict:
-    """Merge the scans of two consecutive row ranges (a before b): row-wise fields keep their order."""
-    out = {"norms": np.concatenate([a["norms"], b["norms"]]), "hist": a["hist"] + b["hist"],
-           "low_bits": a.get("low_bits", False) or b.get("low_bits", False)}
-    if "rows" in a:
-        out["rows"] = np.concatenate([a["rows"], b["rows"]])
-        return out
-    out["window"] = a["window"].merge(b["window"])
-    if len(out["window"].sparse_keys) > SPARSE_KEPT_PER_COLUMN * out["hist"].shape[0]:
-        out["window"].drop_sparse()
-    if len(out["window"].keys) > dense_slots_kept(out["hist"].shape[0]):
-        out["window"] = WindowCounts.empty()  # the blocks disagree too much: the median needs a second read
-    out["moments"] = merge_moments(a["moments"], b["moments"])
-    out["gram"] = np.concatenate([a["gram"], b["gram"]])
-    out["overflow"] = a.get("overflow", False) or b.get("overflow", False) or \
-        a["raw"].nbytes + b["raw"].nbytes > RAW_ROWS_BYTES
-    if out["overflow"]:
-        out["raw_index"], out["raw"] = np.zeros(0, np.int64), a["raw"][:0]
-    else:
-        out["raw_index"] = np.concatenate([a["raw_index"], b["raw_index"]])
-        out["raw"] = np.concatenate([a["raw"], b["raw"]])
-    return out
-
-
-def dense_slots_kept(d: int) -> int:
-    """Window histograms (1 KiB each) a layer and modality may keep: DENSE_SLOTS_PER_COLUMN per column,
-    at most DENSE_SLOTS_BYTES unless that leaves fewer than 16 per column (large d)."""
-    return min(DENSE_SLOTS_PER_COLUMN * d, max(16 * d, DENSE_SLOTS_BYTES // 1024))
-
-
-def finish_scan(scan: dict, block_ids: np.ndarray, dtype, key_bytes: int, precision: str) -> ScanResult:
-    """Exact outlier rule and median top byte; then whatever the scan's guesses allow: the second
-    median byte, and the moments of the non-outlier rows per sample block."""
-    norms = scan["norms"]
-    found = ScanResult(norms, bool(scan.get("low_bits", False)))
-    if not np.isfinite(norms).all():
-        return found  # the client names the token
-    if found.low_bits:
-        key_bytes = 4  # not bfloat16 after all: the median needs all 32 bits
-    found.summary = NormSummary.of(norms)
-    found.outliers = found.summary.outliers(norms)
-    n, d = len(norms), scan["hist"].shape[0]
-    found.state = RadixState.start(dtype, n, d, key_bytes)
-    if "rows" in scan:
-        found.rows = scan["rows"]
-        found.state.values = lower_median(found.rows)
-        return found
-    found.state.apply_histogram(scan["hist"])
-    if not found.state.done:
-        counts = scan["window"].second_byte(found.state.prefix & 0xFF, found.state.count)
+def finish_scan(scan: ScanPartial, facts: UnitFacts, precision: str) -> ScanOutcome:
+    """Exact outlier rule and median top byte; then the second median byte where the window held it, and
+    the moments of the non-outlier rows per sample block unless a sure row is an outlier or raw rows
+    were dropped."""
+    norms = scan.norms
+    facts.check_finite(norms)
+    summary = NormSummary.of(norms)
+    outliers = summary.outliers(norms)
+    key_bytes = 4 if scan.low_bits else facts.key_bytes  # not bfloat16 after all: all 32 bits
+    state = RadixState.start(facts.dtype, len(norms), scan.hist.shape[0], key_bytes)
+    state.apply_histogram(scan.hist)
+    if not state.done and scan.window is not None:
+        counts = scan.window.second_byte(state.prefix & 0xFF, state.count)
         if counts is not None:
-            found.state.apply_histogram(counts)
-    if scan.get("overflow") or scan["raw"].nbytes > RAW_ROWS_BYTES or np.any(found.outliers & scan["gram"]):
-        return found  # a row taken as a sure inlier is an outlier, or too many raw rows: read again
-    precision = gram_precision(found.summary.maximum, precision)
-    index, raw = scan["raw_index"], scan["raw"]
-    keep = ~found.outliers[index]
-    found.inliers = dict(scan["moments"])
-    for gid, start, stop in runs(block_ids[index]):
-        m = block_moments(raw[start:stop], keep[start:stop], precision)
-        found.inliers[gid] = found.inliers[gid].merge(m) if gid in found.inliers else m
-    return found
+            state.apply_histogram(counts)
+    inliers = None
+    if not scan.overflow and not np.any(outliers & scan.sure):
+        index, raw = scan.raw_index, scan.raw
+        keep = ~outliers[index]
+        products = gram_precision(summary.maximum, precision)
+        inliers = scan.moments
+        for block, start, stop in runs(facts.sample_block[index]):
+            inliers = inliers.combine(BlockMoments({block: block_moments(raw[start:stop], keep[start:stop],
+                                                                         products)}))
+    return ScanOutcome(scan.low_bits, summary, outliers, norms, state, inliers)
 
 
-def lower_median(rows: np.ndarray) -> np.ndarray:
-    """Column lower median (rank (n - 1) // 2) of rows held in memory, as float64."""
-    k = (rows.shape[0] - 1) // 2
-    return np.partition(rows, k, axis=0)[k].astype(np.float64)
-
-
-def runs(ids: np.ndarray) -> list[tuple[int, int, int]]:
+def runs(ids: np.ndarray) -> tuple[tuple[int, int, int], ...]:
     """Runs (id, start, end) of equal consecutive ids."""
     if len(ids) == 0:
-        return []
+        return ()
     cut = np.flatnonzero(np.diff(ids)) + 1
     starts = np.concatenate([[0], cut])
     ends = np.concatenate([cut, [len(ids)]])
-    return [(int(ids[s]), int(s), int(e)) for s, e in zip(starts, ends)]
+    return tuple((int(ids[s]), int(s), int(e)) for s, e in zip(starts, ends))

@@ -3,8 +3,8 @@
 Why: the radix selection (radix.py) needs the top byte of every column's median before it can count
 the second byte, and a second read of the archive costs as much as everything else together. Each
 block therefore guesses, from its own top-byte histogram, which top bytes can hold the median of the
-whole column (the bins around its own median, +-WINDOW_QUANTILE of its rows, at most WINDOW_BINS per
-column) and counts the second byte of the values in those bins only. After the read the exact top
+whole column (the bins around its own median, +-window_quantile of its rows, at most window_bins per
+column; config.ReadConfig) and counts the second byte of the values in those bins only. After the read the exact top
 byte is known; where the window counts of that bin add up to its exact count (every block with
 values in the bin counted them), the second byte is exact without another read. Otherwise the
 column is not resolved and the analysis reads the data a second time. Never an approximation: a
@@ -19,17 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import DEFAULT, ReadConfig
 from .radix import SUB_ROWS, TOP_ORDER
-
-# The window reaches this share of the block's rows (at least) either side of its median. A block of
-# ~60 samples misplaces a column's median by several percent of its rows when samples differ a lot
-# (per-sample offsets of 3x the within-sample spread): 0.2 (or 2/sqrt(samples), whichever is larger)
-# with 32 dense bins still resolves those in one read.
-WINDOW_QUANTILE = 0.2
-WINDOW_BINS = 32  # dense top-byte bins (a quarter octave each) per column at most
-ROWS_PER_BIN = 512  # and at most one per 512 rows: a block's counts stay within ~1/4 of its own size
-SPARSE_COUNT = 64  # a bin holding at most this many of the block's values is gathered value by value
-SPARSE_VALUES = 1024  # values gathered per column and block at most
 
 NONE, SPARSE = -1, -2
 
@@ -57,9 +48,9 @@ class WindowCounts:
         return WindowCounts(keys, counts, np.concatenate([self.sparse_keys, other.sparse_keys]),
                             np.concatenate([self.sparse_bytes, other.sparse_bytes]))
 
-    def drop_sparse(self) -> None:
-        """Forget the gathered values (too many kept): columns needing them get a second read."""
-        self.sparse_keys, self.sparse_bytes = self.sparse_keys[:0], self.sparse_bytes[:0]
+    def without_sparse(self) -> WindowCounts:
+        """The same counts without the gathered values (too many kept): columns needing them get a second read."""
+        return WindowCounts(self.keys, self.counts, self.sparse_keys[:0], self.sparse_bytes[:0])
 
     def second_byte(self, top: np.ndarray, expected: np.ndarray) -> np.ndarray | None:
         """Counts (d, 256) of the second byte within each column's exact top byte `top` (raw), or None
@@ -88,10 +79,10 @@ class Window:
     keys: np.ndarray  # (S,) int64 sorted: column * 256 + raw top byte of each dense slot
 
 
-def choose_window(hist: np.ndarray, samples: int | None = None) -> Window:
+def choose_window(hist: np.ndarray, samples: int | None = None, config: ReadConfig = DEFAULT) -> Window:
     """Per column, the non-empty top-byte bins nearest (in ranks) to this block's median, within
-    +-reach ranks of it, up to WINDOW_BINS dense bins (more than SPARSE_COUNT values) and
-    SPARSE_VALUES values in the sparse ones. `samples` (how many samples the block's rows come from)
+    +-reach ranks of it, up to config.window_bins dense bins (more than config.sparse_count values)
+    and config.sparse_values values in the sparse ones. `samples` (how many samples the block's rows come from)
     widens the reach for blocks of few samples, whose medians stray further."""
     d = hist.shape[0]
     ordered = hist[:, TOP_ORDER]
@@ -99,7 +90,7 @@ def choose_window(hist: np.ndarray, samples: int | None = None) -> Window:
     n = cum[:, -1:]
     half = (n - 1) // 2
     # blocks of few rows or few samples place their median less well: widen to 2 / sqrt(count)
-    share = np.maximum(WINDOW_QUANTILE, 2.0 / np.sqrt(np.maximum(n, 1)))
+    share = np.maximum(config.window_quantile, 2.0 / np.sqrt(np.maximum(n, 1)))
     if samples:
         share = np.maximum(share, 2.0 / np.sqrt(samples))
     reach = np.ceil(share * n).astype(np.int64)
@@ -111,20 +102,20 @@ def choose_window(hist: np.ndarray, samples: int | None = None) -> Window:
     nearest = np.argsort(distance, axis=1, kind="stable")
     sizes = np.take_along_axis(ordered, nearest, axis=1)
     valid = np.take_along_axis(distance, nearest, axis=1) < never
-    dense = valid & (sizes > SPARSE_COUNT)
-    bins = min(WINDOW_BINS, max(8, int(n.max(initial=0)) // ROWS_PER_BIN))
+    dense = valid & (sizes > config.sparse_count)
+    bins = min(config.window_bins, max(8, int(n.max(initial=0)) // config.rows_per_bin))
     take = valid & (np.cumsum(dense, axis=1) <= bins)
-    take &= np.cumsum(np.where(valid & ~dense, sizes, 0), axis=1) <= SPARSE_VALUES
+    take &= np.cumsum(np.where(valid & ~dense, sizes, 0), axis=1) <= config.sparse_values
     take = np.logical_and.accumulate(take, axis=1)  # the nearest bins up to the first one over a limit
     chosen = np.zeros((d, 256), bool)
     np.put_along_axis(chosen, nearest, take, axis=1)
-    chosen[:, 0] |= ~chosen.any(axis=1)  # WINDOW_BINS = 0: an empty run anchored at 0
+    chosen[:, 0] |= ~chosen.any(axis=1)  # window_bins = 0: an empty run anchored at 0
     lo = np.argmax(chosen, axis=1)
     span = 255 - np.argmax(chosen[:, ::-1], axis=1) - lo
     offset = np.arange(256)
     pos = np.minimum(lo[:, None] + offset, 255)
     sizes = np.where(offset <= span[:, None], np.take_along_axis(ordered * chosen, pos, axis=1), 0)
-    dense = sizes > SPARSE_COUNT
+    dense = sizes > config.sparse_count
     kind = np.where(sizes > 0, SPARSE, NONE).astype(np.int32)
     keys = (np.arange(d, dtype=np.int64)[:, None] * 256 + TOP_ORDER[pos])[dense]
     order = np.argsort(keys)

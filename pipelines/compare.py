@@ -1,21 +1,19 @@
 """`mir compare`: the same analysis on several archives over the samples they share.
 
 Each archive is analysed on exactly the shared sample ids, with the same layers, token rule,
-trace mode and bootstrap seed. When the shared samples sit in the same order in every archive
-(archives extracted from one sample list, as in a study), the bootstrap replicates are paired:
-replicate b resamples the same sample blocks everywhere, so the interval of a difference
-excludes the sample-to-sample noise both archives share. Otherwise the replicates are combined
-as independent draws, and the output says so.
+trace mode and bootstrap seed. The interval of a difference comes from the per-sample influence
+values (analyze/bootstrap.py) paired by sample id, whatever order the archives store them in:
+replicate b gives a sample the same weight in both archives, so the sample-to-sample noise both
+share cancels from the difference. The difference's replicates are first order in both archives.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from analyze import AnalysisError, AnalysisOptions, Runner, analyze_selection, parse_layers, resolve_samples
-from analyze.bootstrap import CI_LEVEL
+from analyze.bootstrap import paired_difference
 from storage_schemas import TextTokenRule, open_archive
 
 
@@ -74,7 +72,7 @@ def compare_archives(locations: list[str], *, labels: list[str] | None = None, l
         selection = archive.select(samples=ids, layers=chosen, text_tokens=rule)
         results.append(analyze_selection(selection, options, runner=runner))
     comparison = Comparison(labels, len(ids), chosen, paired, results)
-    comparison.differences = [_difference(labels[0], results[0], labels[i], results[i], paired, options.seed)
+    comparison.differences = [_difference(labels[0], results[0], labels[i], results[i], options)
                               for i in range(1, len(results))]
     return comparison
 
@@ -100,36 +98,43 @@ def _shared_layers(archives, layers: str | None) -> list[int]:
     return chosen[0]
 
 
-def _difference(label_a: str, a, label_b: str, b, paired: bool, seed: int) -> dict:
-    """MIR(b) - MIR(a) with a bootstrap interval, and whether it exceeds the noise."""
+def influence_by_id(result) -> tuple[float, dict] | None:
+    """(summed FD, {sample id: its influence summed over layers}) of an analysis run with --bootstrap."""
+    boot = result.bootstrap if hasattr(result, "bootstrap") else result.get("bootstrap")
+    if not boot or "fd_influence" not in boot:
+        return None
+    return boot["fd_total"], dict(zip(boot["sample_ids"], boot["fd_influence"]))
+
+
+def _difference(label_a: str, a, label_b: str, b, options: AnalysisOptions) -> dict:
+    """MIR(b) - MIR(a) with an interval paired by sample id, and whether it exceeds the noise."""
     out = {"a": label_a, "b": label_b, "difference": b.mir - a.mir}
-    if not (a.bootstrap and b.bootstrap):
+    ia, ib = influence_by_id(a), influence_by_id(b)
+    if ia is None or ib is None:
         out.update({"ci_low": None, "ci_high": None, "exceeds_noise": None,
                     "note": "no bootstrap: run with --bootstrap B to judge the difference"})
         return out
-    ra, rb = np.asarray(a.bootstrap["mir_replicates"]), np.asarray(b.bootstrap["mir_replicates"])
-    if not paired:  # independent resamples: shuffle one side so replicate b pairs unrelated draws
-        rb = np.random.default_rng(seed + 1).permutation(rb)
-    diffs = (rb - ra)[np.isfinite(rb - ra)]
-    lo, hi = np.quantile(diffs, [(1 - CI_LEVEL) / 2, (1 + CI_LEVEL) / 2]) if diffs.size else (math.nan, math.nan)
-    out.update({"ci_low": float(lo), "ci_high": float(hi), "exceeds_noise": bool(lo > 0 or hi < 0),
-                "paired": paired})
+    paired = paired_difference(ia, ib, options.bootstrap, options.seed)
+    out.update({k: paired[k] for k in ("ci_low", "ci_high", "std", "exceeds_noise", "paired_samples")})
+    out["paired"] = True
     return out
 
 
 def format_comparison(c: Comparison) -> str:
     width = max(12, *(len(lab) for lab in c.labels))
     lines = [f"{c.shared_samples} shared samples, layers {c.layers[0]}..{c.layers[-1]}, trace "
-             f"{c.results[0].mode}; bootstrap {'paired' if c.paired else 'unpaired (sample orders differ)'}", ""]
+             f"{c.results[0].mode}; differences paired by sample id"
+             + ("" if c.paired else " (the archives store them in different orders)"), ""]
     lines.append(f"{'':>{width}} " + " ".join(f"{lab:>{width}}" for lab in c.labels))
     for label, getter in (("MIR", lambda r: f"{r.mir:.5f}"),
-                          ("95% CI", lambda r: f"{r.bootstrap['ci_low']:.4f}-{r.bootstrap['ci_high']:.4f}"
-                           if r.bootstrap else "-")):
+                          ("95% CI", lambda r: "{mir_ci_low:.4f}-{mir_ci_high:.4f}".format(**r.dataset.attrs)
+                           if "mir_ci_low" in r.dataset.attrs else "-")):
         lines.append(f"{label:>{width}} " + " ".join(f"{getter(r):>{width}}" for r in c.results))
     lines.append("")
     lines.append(f"{'layer FD':>{width}} " + " ".join(f"{lab:>{width}}" for lab in c.labels))
-    for k, layer in enumerate(c.layers):
-        lines.append(f"{layer:>{width}} " + " ".join(f"{r.layers[k]['fd']:>{width}.5g}" for r in c.results))
+    for layer in c.layers:
+        lines.append(f"{layer:>{width}} " + " ".join(f"{float(r.dataset['fd'].sel(layer=layer)):>{width}.5g}"
+                                                     for r in c.results))
     lines.append("")
     for d in c.differences:
         verdict = ("no bootstrap" if d["exceeds_noise"] is None else

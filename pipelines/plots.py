@@ -45,12 +45,26 @@ def plot_layer_curve(ds: xr.Dataset, path: str | Path, title: str | None = None)
 
 
 def plot_mir_by_step(rows: list[dict], path: str | Path) -> Path:
-    """MIR against training step, with bootstrap intervals where the study computed them."""
+    """MIR against training step, with bootstrap intervals where the study computed them; below it, each
+    checkpoint's difference from the previous one with its paired interval, when there is one."""
     plt = _pyplot()
     rows = [r for r in rows if r["mir"] is not None]
     xs = [r["step"] if r["step"] is not None else i for i, r in enumerate(rows)]
     ys = [r["mir"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 3.8), constrained_layout=True)
+    diffs = [(x, r) for x, r in zip(xs, rows) if r.get("diff_ci_low") is not None]
+    if diffs:
+        fig, (ax, low) = plt.subplots(2, 1, figsize=(7, 5.6), sharex=True, constrained_layout=True,
+                                      gridspec_kw={"height_ratios": [2, 1]})
+        dy = [r["diff_prev"] for _, r in diffs]
+        err = [[y - r["diff_ci_low"] for y, (_, r) in zip(dy, diffs)],
+               [r["diff_ci_high"] - y for y, (_, r) in zip(dy, diffs)]]
+        low.errorbar([x for x, _ in diffs], dy, yerr=err, fmt="s", capsize=3, color="tab:red",
+                     label="MIR - previous checkpoint's (95% paired CI)")
+        low.axhline(0.0, color="grey", lw=0.8)
+        low.set_ylabel("change")
+        low.legend(fontsize=7)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 3.8), constrained_layout=True)
     if all(r.get("ci_low") is not None for r in rows) and rows:
         err = [[y - r["ci_low"] for y, r in zip(ys, rows)], [r["ci_high"] - y for y, r in zip(ys, rows)]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label="MIR (95% bootstrap CI)")

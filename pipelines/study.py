@@ -141,8 +141,6 @@ def run_study(config: StudyConfig, *, jobs: int = 1, devices: list[str] | None =
             except StudyError as exc:
                 failures.append(str(exc))
 
-    from .commands.analyze import run_analysis
-
     for outcome in outcomes:
         if archive_state(outcome.archive) != "complete":
             continue
@@ -155,7 +153,7 @@ def run_study(config: StudyConfig, *, jobs: int = 1, devices: list[str] | None =
                 outcome.result = cached["result"]
                 continue
         echo(f"analysing {outcome.checkpoint.name}")
-        result = run_analysis(**params).to_json()
+        result = analyze_checkpoint(params, outcome.checkpoint.name).to_json()
         tmp = result_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"archive_fingerprint": fingerprint, "analyze_argv": argv, "result": result},
                                   indent=1))
@@ -168,19 +166,70 @@ def run_study(config: StudyConfig, *, jobs: int = 1, devices: list[str] | None =
     return outcomes
 
 
+def analyze_checkpoint(params: dict, name: str):
+    """One checkpoint's analysis through the library entry point, from its parsed [analyze] settings."""
+    from dask.utils import parse_bytes
+
+    from analyze import AnalysisError, AnalysisOptions, Runner, analyze_archives
+
+    p = dict(params)
+    try:
+        limit = parse_bytes(p["memory_limit"]) if p.get("memory_limit") else None
+    except ValueError as exc:
+        raise StudyError(f"[analyze] memory-limit {p['memory_limit']!r} is not a size (e.g. 2GB)") from exc
+    options = AnalysisOptions(mode=p["mode"], precision=p["precision"], bootstrap=p["bootstrap"], seed=p["seed"],
+                              cache=not p["no_cache"], cache_dir=p["cache_dir"], memory_limit=limit)
+    runner = Runner(p["scheduler"], workers=p["workers"], progress=bool(p["progress"]))
+    try:
+        return analyze_archives(list(p["archives"]), layers=p["layers"], samples=p["samples"], where=p["where"],
+                                text_tokens=p["text_tokens"], options=options, runner=runner)
+    except (ArchiveError, AnalysisError) as exc:
+        raise StudyError(f"analysis of checkpoint {name} failed: {exc}") from exc
+    finally:
+        runner.close()
+
+
 def summary_rows(outcomes: list[CheckpointOutcome]) -> list[dict]:
-    rows = []
+    """One row per analysed checkpoint: MIR and its interval, and its difference from the previous
+    analysed checkpoint with an interval paired by sample id (when both ran with --bootstrap)."""
+    rows, previous = [], None
     for o in outcomes:
         if o.result is None:
             continue
         r, boot = o.result, o.result.get("bootstrap") or {}
-        rows.append({
+        row = {
             "step": o.checkpoint.step, "checkpoint": o.checkpoint.name, "path": o.checkpoint.path,
             "archive": str(o.archive), "mir": r["mir"], "ci_low": boot.get("ci_low"), "ci_high": boot.get("ci_high"),
             "mode": r["mode"], "n_samples": r["n_samples"],
             "fd": {str(layer["layer"]): layer["fd"] for layer in r["layers"]},
-        })
+            **_difference_from(previous, r),
+        }
+        rows.append(row)
+        previous = r
     return rows
+
+
+DIFFERENCE_FIELDS = ("diff_prev", "diff_ci_low", "diff_ci_high", "diff_exceeds_noise")
+
+
+def _difference_from(previous: dict | None, result: dict) -> dict:
+    """MIR(this) - MIR(previous) and its paired interval (analyze/bootstrap.paired_difference)."""
+    from analyze.bootstrap import paired_difference
+
+    from .compare import influence_by_id
+
+    out = dict.fromkeys(DIFFERENCE_FIELDS)
+    if previous is None:
+        return out
+    out["diff_prev"] = result["mir"] - previous["mir"] if None not in (result["mir"], previous["mir"]) else None
+    a, b = influence_by_id(previous), influence_by_id(result)
+    if a is None or b is None or len(set(a[1]) & set(b[1])) < 2:
+        return out
+    boot = result["bootstrap"]
+    paired = paired_difference(a, b, boot["replicates"], boot["seed"])
+    out.update({"diff_ci_low": paired["ci_low"], "diff_ci_high": paired["ci_high"],
+                "diff_exceeds_noise": paired["exceeds_noise"]})
+    return out
 
 
 def write_summary(out: Path, outcomes: list[CheckpointOutcome]) -> list[dict]:
@@ -190,10 +239,12 @@ def write_summary(out: Path, outcomes: list[CheckpointOutcome]) -> list[dict]:
     with open(out / "summary.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["step", "checkpoint", "mir", "ci_low", "ci_high", "mode", "n_samples"]
-                        + [f"fd_layer_{k}" for k in layers])
+                        + list(DIFFERENCE_FIELDS) + [f"fd_layer_{k}" for k in layers])
         for row in rows:
+            flag = row["diff_exceeds_noise"]
             writer.writerow([row["step"], row["checkpoint"], _num(row["mir"]), _num(row["ci_low"]),
-                             _num(row["ci_high"]), row["mode"], row["n_samples"]]
+                             _num(row["ci_high"]), row["mode"], row["n_samples"], _num(row["diff_prev"]),
+                             _num(row["diff_ci_low"]), _num(row["diff_ci_high"]), "" if flag is None else str(flag)]
                             + [_num(row["fd"].get(str(k))) for k in layers])
     if rows:
         from .plots import plot_mir_by_step

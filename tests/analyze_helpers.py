@@ -14,20 +14,27 @@ FD_RTOL = 1e-5
 MIR_ATOL = 1e-6
 
 
+def stored_values(x: np.ndarray, dtype: str) -> np.ndarray:
+    """x as an archive of `dtype` stores it: float16, float32, or bfloat16 values (nearest even) in float32."""
+    if dtype == "bfloat16":
+        bits = x.astype(np.float32).view(np.uint32)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+    return x.astype(np.float16 if dtype == "float16" else np.float32)
+
+
 def write_arrays(path, vision: list[np.ndarray], text: list[np.ndarray], *, layers: list[int] | None = None,
                  dtype: str = "float16", chunk_tokens: int = 16, chunks_per_shard: int = 2):
     """One sample per (vision[i], text[i]) pair, each (n_layers, tokens, d); all text tokens are 'response'."""
     n_layers, _, d = vision[0].shape
     layers = layers if layers is not None else list(range(n_layers))
-    stored = np.float16 if dtype == "float16" else np.float32
     with ArchiveWriter.create(path, layers=layers, hidden_size=d, dtype=dtype, attrs={"model": {"name_or_path": "t"}},
                               chunk_tokens=chunk_tokens, chunks_per_shard=chunks_per_shard) as w:
         for i, (v, t) in enumerate(zip(vision, text)):
             nv, nt = v.shape[1], t.shape[1]
             seq = nv + nt
             w.append([SampleRecord(
-                sample_id=f"s{i:04d}", image=f"img{i}.png", text=f"text-{i}", vision=v.astype(stored),
-                vision_position=np.arange(nv), text_hidden=t.astype(stored), text_position=np.arange(nv, seq),
+                sample_id=f"s{i:04d}", image=f"img{i}.png", text=f"text-{i}", vision=stored_values(v, dtype),
+                vision_position=np.arange(nv), text_hidden=stored_values(t, dtype), text_position=np.arange(nv, seq),
                 text_token_id=np.full(nt, 7), text_role=np.full(nt, TextRole.RESPONSE, np.int8),
                 input_ids=np.arange(seq))])
     return path

@@ -65,3 +65,88 @@ def layer_fd(vision: np.ndarray, text: np.ndarray) -> dict:
 def mir(layers: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, list[float]]:
     fds = [layer_fd(v, t)["fd"] for v, t in layers]
     return math.log10(sum(fds)), fds
+
+
+# ---------------------------------------------------------------------------- every published number
+LEADING = 5  # eigenvalues published per modality, largest first
+CI_LEVEL = 0.95
+
+
+def norm_numbers(x: np.ndarray) -> dict:
+    """Token-norm statistics of one modality in the archive's raw units (before normalisation)."""
+    norms = np.sqrt((x * x).sum(axis=1))
+    med = float(lower_median(norms))
+    sd = float(np.std(norms, ddof=1))
+    return {"tokens": len(x), "outliers": int((np.abs(norms - med) > 3 * sd).sum()), "norm_mean": float(norms.mean()),
+            "norm_median": med, "norm_std": sd, "outlier_threshold": 3 * sd, "tokens_per_channel": len(x) / x.shape[1]}
+
+
+def spectrum_numbers(cov: np.ndarray) -> dict:
+    """Numbers of one normalised covariance (after outlier replacement), from a full eigendecomposition."""
+    w = np.linalg.eigvalsh(cov)[::-1]
+    top = np.full(LEADING, np.nan)
+    top[:min(LEADING, len(w))] = w[:LEADING]
+    rank = int(np.linalg.matrix_rank(cov, hermitian=True))
+    return {"total_variance": float(w.sum()), "effective_rank": float(w.sum() ** 2 / (w ** 2).sum()),
+            "leading_eigenvalues": top, "numerical_rank": rank,
+            "condition_number": float(np.linalg.cond(cov, 1)) if rank == len(cov) else math.inf}
+
+
+def layer_numbers(vision: np.ndarray, text: np.ndarray, layer: int) -> dict:
+    """Every per-layer number `mir analyze --json` publishes, shaped like its JSON rows."""
+    v, t = vision.astype(np.float64), text.astype(np.float64)
+    ref = layer_fd(v, t)
+    mv, mt = ref["mean_v"], ref["mean_t"]
+    out = {"layer": layer, "fd": float(ref["fd"]), "fd_mean_term": ref["mean_term"],
+           "fd_covariance_term": float(np.trace(ref["cov_v"]) + np.trace(ref["cov_t"]) - 2 * ref["trace_sqrt"]),
+           "trace_sqrt": ref["trace_sqrt"], "scale": float(ref["scale"]),
+           "centroid_cosine": float(mv @ mt / np.sqrt((mv @ mv) * (mt @ mt)))}
+    for name, x, cov in (("vision", v, ref["cov_v"]), ("text", t, ref["cov_t"])):
+        out[name] = {**norm_numbers(x), **spectrum_numbers(cov)}
+    # the trace term's problem size: a modality with fewer tokens than channels enters by its rows
+    widths = [len(x) if len(x) < x.shape[1] else out[name]["numerical_rank"]
+              for name, x in (("vision", v), ("text", t))]
+    small = any(len(x) < x.shape[1] for x in (v, t))
+    out["route"] = f"{'gram' if small else 'factor'}-{min(widths)}"
+    return out
+
+
+def block_of_tokens(token_samples: np.ndarray, selected: np.ndarray, blocks: int) -> np.ndarray:
+    """Sample block of every token: the selected samples cut into `blocks` consecutive near-equal runs."""
+    parts = np.array_split(np.asarray(selected), blocks)
+    block_of_sample = {int(s): b for b, part in enumerate(parts) for s in part}
+    return np.array([block_of_sample[int(s)] for s in token_samples])
+
+
+def bootstrap_numbers(layers: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], selected: np.ndarray,
+                      blocks: int, replicates: int, seed: int) -> dict:
+    """The published bootstrap: replicate b takes sample block k weights[b, k] times (multinomial draw
+    with numpy's default_rng(seed)), with each modality's outlier rule and column medians held at their
+    full-selection values; MIR of every replicate and the central 95% percentile interval.
+    `layers`: (vision, vision token samples, text, text token samples) per layer."""
+    weights = np.random.default_rng(seed).multinomial(blocks, np.full(blocks, 1.0 / blocks), size=replicates)
+    held = []
+    for v, v_samples, t, t_samples in layers:
+        mods = []
+        for x, samples in ((v.astype(np.float64), v_samples), (t.astype(np.float64), t_samples)):
+            norms = np.sqrt((x * x).sum(axis=1))
+            out = np.abs(norms - lower_median(norms)) > 3 * np.std(norms, ddof=1)
+            replaced = x.copy()
+            replaced[out] = lower_median(x, axis=0)
+            mods.append((replaced, norms, block_of_tokens(samples, selected, blocks)))
+        held.append(mods)
+    mirs = []
+    for w in weights:
+        total = 0.0
+        for (v, _, bv), (t, t_norms, bt) in held:
+            pick_v = np.concatenate([np.flatnonzero(bv == k) for k in range(blocks) for _ in range(w[k])])
+            pick_t = np.concatenate([np.flatnonzero(bt == k) for k in range(blocks) for _ in range(w[k])])
+            a = 1.0 / t_norms[pick_t].mean()
+            total += frechet(a * v[pick_v], a * t[pick_t])["fd"]
+        mirs.append(math.log10(total) if total > 0 else math.nan)
+    mirs = np.array(mirs)
+    finite = mirs[np.isfinite(mirs)]
+    return {"replicates": replicates, "seed": seed, "blocks": blocks, "level": CI_LEVEL,
+            "ci_low": float(np.quantile(finite, (1 - CI_LEVEL) / 2)),
+            "ci_high": float(np.quantile(finite, (1 + CI_LEVEL) / 2)),
+            "std": float(np.std(finite, ddof=1)), "mir_replicates": mirs}

@@ -1,75 +1,113 @@
-"""Bootstrap from per-block statistics: block statistics add up to the full ones, a replicate equals a
-direct computation on the resampled rows (given the held outlier rule and medians), seeds repeat."""
+"""The bootstrap over samples (influence read, analyze/bootstrap.py): per-sample influence values equal
+an independent finite-difference derivative; the interval and sd match a brute-force float64
+sample-level bootstrap that recomputes everything per replicate; seeds repeat; another seed or B reads
+no data."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
 import pytest
+from analyze_published import reference_inputs
+from analyze_reference_bootstrap import brute_force_bootstrap, finite_difference_influence
 
+import storage_schemas.synth as synth
 from analyze import AnalysisError, AnalysisOptions, analyze_selection
-from analyze.bootstrap import bootstrap_weights
-from analyze.engine import compute_stats, sample_blocks
-from analyze.results import layer_fd
-from analyze_reference import frechet
+from analyze import api as analysis_api
+from analyze.bootstrap import paired_difference, sample_weights
 from storage_schemas import open_archive
-from storage_schemas.synth import write_synthetic_archive
+
+BRUTE_REPLICATES = 1500  # Monte Carlo error of the brute-force 95% ends: about 0.03 widths
+CASES = {  # name: (archive shape, outlier share)
+    "few-samples": (dict(hidden=12, samples=10, vision_tokens=9, text_tokens=14), 0.005),
+    "many-outliers": (dict(hidden=10, samples=30, vision_tokens=12, text_tokens=12), 0.05),
+    "tokens-below-channels": (dict(hidden=32, samples=14, vision_tokens=2, text_tokens=6), 0.005),
+}
 
 
-@pytest.fixture(scope="module")
-def selection(tmp_path_factory):
-    path = write_synthetic_archive(tmp_path_factory.mktemp("b") / "a.zarr", layers=2, hidden=10, samples=12,
-                                   vision_tokens=9, text_tokens=8, seed=3, chunk_tokens=16, chunks_per_shard=2)
+def _selection(tmp_path, monkeypatch, case: str, dtype: str):
+    shape, share = CASES[case]
+    monkeypatch.setattr(synth, "OUTLIER_SHARE", share)
+    path = synth.write_synthetic_archive(tmp_path / "a.zarr", layers=2, seed=5, dtype=dtype, chunk_tokens=16,
+                                         chunks_per_shard=2, **shape)
     return open_archive(path).select(layers=[1, 2])
 
 
-@pytest.mark.parametrize("precision,tol", [("float64", 1e-10), ("float32", 1e-6)])
-def test_blocks_merge_to_the_full_statistics(selection, precision, tol):
-    full = compute_stats(selection, [1], blocks=1, precision=precision)[1]
-    per_block = compute_stats(selection, [1], blocks=4, precision=precision)[1]
-    a = layer_fd(full, "exact")[0].fd
-    b = layer_fd(per_block, "exact")[0].fd
-    c = layer_fd(per_block, "exact", np.ones(4, int))[0].fd
-    assert abs(a - b) < tol * a and abs(a - c) < tol * a
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_influence_values_equal_finite_differences(tmp_path, monkeypatch, case):
+    selection = _selection(tmp_path, monkeypatch, case, "float32")
+    got = analyze_selection(selection, AnalysisOptions(bootstrap=10, cache=False, precision="float64"))
+    inputs = reference_inputs(selection)
+    # the reference's sqrtm of a rank-deficient covariance rounds at ~1e-8: a wider step keeps that out
+    step, tol = (1e-2, 5e-5) if case == "tokens-below-channels" else (1e-4, 1e-6)
+    for i, layer in enumerate(inputs):
+        want = finite_difference_influence(layer, selection.sample_index, step)
+        np.testing.assert_allclose(got.dataset["fd_influence"].values[i], want, rtol=0,
+                                   atol=tol * np.abs(want).max())
 
 
-def test_replicate_equals_direct_computation_on_resampled_rows(selection):
-    k = 4
-    stats = compute_stats(selection, [2], blocks=k)[2]
-    weights = np.array([2, 0, 1, 1])
-    got = layer_fd(stats, "exact", weights)[0].fd
-    starts = sample_blocks(selection.sample_index, k)
-
-    def resample(view, s):
-        x = np.asarray(view.data[1].compute(), np.float64)
-        norms = np.sqrt((x * x).sum(axis=1))
-        out = np.abs(norms - s.norms.median) > 3 * s.norms.std  # held at full-selection values
-        x[out] = s.median
-        block = np.searchsorted(starts, view["sample"].values, side="right") - 1
-        return np.concatenate([x[block == b] for b in range(k) for _ in range(weights[b])]), norms, block
-
-    v, _, _ = resample(selection.vision, stats.vision)
-    t, norms_t, block_t = resample(selection.text, stats.text)
-    a = 1.0 / np.concatenate([norms_t[block_t == b] for b in range(k) for _ in range(weights[b])]).mean()
-    expected = frechet(a * v, a * t)["fd"]
-    assert abs(got - expected) < 1e-8 * expected
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_interval_matches_a_brute_force_sample_bootstrap(tmp_path, monkeypatch, case, dtype):
+    """Width within 15%, ends within 0.2 widths, sd within 15% of the bootstrap that recomputes scale,
+    outlier rule, medians, means, covariances and the exact trace per replicate."""
+    selection = _selection(tmp_path, monkeypatch, case, dtype)
+    b = analyze_selection(selection, AnalysisOptions(bootstrap=10000, cache=False)).bootstrap
+    brute = brute_force_bootstrap(reference_inputs(selection), selection.sample_index, BRUTE_REPLICATES, seed=1)
+    lo, hi = np.quantile(brute, [0.025, 0.975])
+    width = hi - lo
+    assert abs((b["ci_high"] - b["ci_low"]) / width - 1) <= 0.15, (b["ci_low"], b["ci_high"], lo, hi)
+    assert abs(b["ci_low"] - lo) <= 0.2 * width and abs(b["ci_high"] - hi) <= 0.2 * width
+    sd_brute, sd_mine = np.std(brute, ddof=1), b["std"]
+    assert abs(sd_mine / sd_brute - 1) <= 0.15, (sd_mine, sd_brute)
 
 
-def test_bootstrap_interval_and_seeds(selection):
-    opts = dict(cache=False, bootstrap=30, blocks=6)
-    one = analyze_selection(selection, AnalysisOptions(seed=1, **opts))
-    same = analyze_selection(selection, AnalysisOptions(seed=1, **opts))
-    other = analyze_selection(selection, AnalysisOptions(seed=2, **opts))
+def test_seeds_repeat_and_what_the_json_says(tmp_path, monkeypatch):
+    selection = _selection(tmp_path, monkeypatch, "few-samples", "float16")
+    one = analyze_selection(selection, AnalysisOptions(seed=1, bootstrap=30, cache=False))
+    same = analyze_selection(selection, AnalysisOptions(seed=1, bootstrap=30, cache=False))
+    other = analyze_selection(selection, AnalysisOptions(seed=2, bootstrap=30, cache=False))
     b = one.bootstrap
-    assert b["replicates"] == 30 and b["blocks"] == 6 and len(b["mir_replicates"]) == 30
-    assert b["mir_replicates"] == same.bootstrap["mir_replicates"]
-    assert b["mir_replicates"] != other.bootstrap["mir_replicates"]
-    assert b["ci_low"] < b["ci_high"] and math.isfinite(b["std"]) and b["std"] > 0
-    assert one.dataset.attrs["mir_ci_low"] == b["ci_low"]
+    assert b["replicates"] == 30 and len(b["mir_replicates"]) == 30 and b["unit"] == "sample" and b["units"] == 10
+    assert "delta method" in b["method"] and "outlier rule" in b["held"] and "medians" in b["held"]
+    assert b["mir_replicates"] == same.bootstrap["mir_replicates"] != other.bootstrap["mir_replicates"]
+    assert b["ci_low"] < one.mir < b["ci_high"] and math.isfinite(b["std"]) and b["std"] > 0
+    assert b["sample_ids"] == selection.sample_ids and len(b["fd_influence"]) == 10
+    assert one.to_json()["bootstrap"]["units"] == 10 and one.dataset.attrs["mir_ci_low"] == b["ci_low"]
 
 
-def test_weights_resample_all_blocks():
-    w = bootstrap_weights(50, 7, seed=0)
+def test_another_seed_or_b_reads_no_data(tmp_path, monkeypatch):
+    selection = _selection(tmp_path, monkeypatch, "few-samples", "float16")
+    cache = str(tmp_path / "cache")
+    first = analyze_selection(selection, AnalysisOptions(bootstrap=50, seed=1, cache_dir=cache))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the data was read again")
+
+    monkeypatch.setattr(analysis_api, "compute_stats", forbidden)
+    monkeypatch.setattr(analysis_api, "compute_influence", forbidden)
+    again = analyze_selection(selection, AnalysisOptions(bootstrap=2000, seed=7, cache_dir=cache))
+    assert again.bootstrap["fd_influence"] == first.bootstrap["fd_influence"]
+    assert again.bootstrap["replicates"] == 2000 and again.bootstrap["ci_low"] != first.bootstrap["ci_low"]
+
+
+def test_paired_difference_pairs_by_id_in_any_order():
+    rng = np.random.default_rng(0)
+    ids = [f"s{i}" for i in range(40)]
+    shared = rng.normal(0, 1, 40)  # sample-to-sample noise both archives share
+    a = (10.0, dict(zip(ids, shared)))
+    b_items = list(zip(ids, shared * 1.05 + rng.normal(0, 0.01, 40)))
+    b = (10.5, dict(b_items[::-1]))  # another order
+    paired = paired_difference(a, b, 4000, seed=0)
+    assert paired["paired_samples"] == 40 and paired["exceeds_noise"]
+    assert paired["ci_low"] < math.log10(10.5 / 10) < paired["ci_high"]
+    unpaired_sd = math.hypot(*(np.std(list(d.values()), ddof=0) * math.sqrt(40) / (fd * math.log(10))
+                               for fd, d in (a, b)))
+    assert paired["std"] < 0.3 * unpaired_sd  # the shared noise cancels
+
+
+def test_weights_resample_all_samples():
+    w = sample_weights(50, 7, seed=0)
     assert w.shape == (50, 7) and (w.sum(axis=1) == 7).all()
     with pytest.raises(AnalysisError, match="at least 2 samples"):
-        bootstrap_weights(5, 1, seed=0)
+        sample_weights(5, 1, seed=0)

@@ -42,8 +42,8 @@ def test_reuse_then_other_mode_without_reading_data(archive, monkeypatch):
     assert other.mode == "reference-accurate"
 
 
-def test_blocks_kept_for_bootstrap_serve_plain_runs(archive, monkeypatch):
-    boot = _run(archive, bootstrap=5, blocks=3)
+def test_bootstrap_runs_serve_plain_runs(archive, monkeypatch):
+    boot = _run(archive, bootstrap=5)
     _forbid_compute(monkeypatch)
     plain = _run(archive)
     assert plain.cache["layers_reused"] == [1, 2]

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analyze import fused, kernels
+from analyze.config import ReadConfig
 from analyze.radix import byte_histogram
 from analyze.window import choose_window, count_window
 
@@ -55,13 +56,13 @@ def test_compiled_scan_equals_numpy(seed, n, d, dtype, special):
 
 def test_scan_block_same_either_way(monkeypatch):
     x = _block(3, 3000, 64, "float16", False)
-    groups = [(0, 0, 1000), (1, 1000, 3000)]
-    compiled = kernels.scan_block(x, 0, groups, "float32")
+    chunk = kernels.Chunk(0, 3000, ((0, 0, 1000), (1, 1000, 3000)), 3)
+    compiled = kernels.scan_chunk(x, chunk, "float32", ReadConfig())
     monkeypatch.setattr(fused, "AVAILABLE", False)
-    plain = kernels.scan_block(x, 0, groups, "float32")
-    assert np.array_equal(compiled["hist"], plain["hist"]) and np.array_equal(compiled["gram"], plain["gram"])
+    plain = kernels.scan_chunk(x, chunk, "float32", ReadConfig())
+    assert np.array_equal(compiled.hist, plain.hist) and np.array_equal(compiled.sure, plain.sure)
     for gid in (0, 1):
-        a, b = compiled["moments"][gid], plain["moments"][gid]
+        a, b = compiled.moments.by_block[gid], plain.moments.by_block[gid]
         assert a.n == b.n and np.array_equal(a.mean, b.mean) and np.array_equal(a.m2, b.m2)
 
 

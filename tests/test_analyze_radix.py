@@ -7,22 +7,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyze import radix
-from analyze.radix import RadixState, byte_histogram, gather_candidates, merge_gathers
+from functools import reduce
+
+from analyze.radix import DigitRead, RadixState, byte_histogram
 
 SPECIAL16 = np.array([0.0, -0.0, 2.0 ** -24, -(2.0 ** -24), 6.1e-5, 1.0, -1.0, 65504.0, -65504.0, 0.5, 3.0],
                      dtype=np.float16)
 
 
-def _stream_median(x: np.ndarray, splits: list[int], key_bytes: int | None = None) -> np.ndarray:
+def _stream_median(x: np.ndarray, splits: list[int], key_bytes: int | None = None,
+                   gather_budget: int = 2_000_000) -> np.ndarray:
     blocks = np.split(x, sorted(set(min(s, len(x)) for s in splits)))
     state = RadixState.start(x.dtype, len(x), x.shape[1], key_bytes)
     while not state.done:
-        kind, fixed, prefix = state.request()
-        if kind == "hist":
-            state.apply_histogram(sum(byte_histogram(b, fixed, prefix) for b in blocks))
-        else:
-            state.apply_gather(*merge_gathers([gather_candidates(b, fixed, prefix) for b in blocks]))
+        read = state.next_read(gather_budget)
+        reduce(lambda a, b: a.combine(b), [read.map(b) for b in blocks]).apply_to(state)
     return state.values
 
 
@@ -44,13 +43,12 @@ def test_stream_median_is_exact(n, d, seed, dtype, splits, special):
 
 
 @pytest.mark.parametrize("budget", [0, 10**9])
-def test_float32_all_digit_paths(monkeypatch, budget):
+def test_float32_all_digit_paths(budget):
     """True float32 with the gather step disabled (four byte histograms) or always allowed."""
-    monkeypatch.setattr(radix, "GATHER_BUDGET", budget)
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((301, 7)) * 1e3).astype(np.float32)
     x[:50, 0] = x[0, 0]  # ties
-    assert np.array_equal(_stream_median(x, [13, 100, 250]), _lower_median(x))
+    assert np.array_equal(_stream_median(x, [13, 100, 250], gather_budget=budget), _lower_median(x))
 
 
 def test_bfloat16_values_need_two_bytes():
@@ -59,7 +57,7 @@ def test_bfloat16_values_need_two_bytes():
     x = bits.view(np.float32)
     state = RadixState.start(x.dtype, len(x), 5, key_bytes=2)
     state.apply_histogram(byte_histogram(x, 0, state.prefix))
-    kind, fixed, prefix = state.request()
-    assert kind == "hist"
-    state.apply_histogram(byte_histogram(x, fixed, prefix))
+    read = state.next_read()
+    assert isinstance(read, DigitRead)
+    read.map(x).apply_to(state)
     assert state.done and np.array_equal(state.values, _lower_median(x))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from analyze_helpers import analyze_path, assert_matches_reference, write_arrays
 
-from analyze import fused, kernels, scan, window
+from analyze import AnalysisOptions, fused
+from analyze.config import ReadConfig
 
 
 def _archive(tmp_path, seed=0):
@@ -40,27 +41,27 @@ def test_well_behaved_data_is_read_once(tmp_path, monkeypatch, compiled):
 @pytest.mark.parametrize("miss", ["outlier among sure rows", "too many raw rows", "median outside window",
                                   "everything"])
 def test_a_missed_guess_costs_a_second_read_not_exactness(tmp_path, monkeypatch, miss):
+    config = {}
     if miss in ("outlier among sure rows", "everything"):
-        monkeypatch.setattr(kernels, "INLIER_SPREADS", 1e6)  # every row is taken as a sure inlier
+        config["inlier_spreads"] = 1e6  # every row is taken as a sure inlier
     if miss in ("too many raw rows", "everything"):
-        monkeypatch.setattr(scan, "RAW_ROWS_BYTES", 0)
+        config["raw_rows_bytes"] = 0
     if miss in ("median outside window", "everything"):
-        monkeypatch.setattr(window, "WINDOW_BINS", 0)
-        monkeypatch.setattr(window, "SPARSE_COUNT", 0)
-    selection, result = analyze_path(_archive(tmp_path), layers=[0, 1])
+        config.update(window_bins=0, sparse_count=0)
+    options = AnalysisOptions(cache=False, reads=ReadConfig(**config))
+    selection, result = analyze_path(_archive(tmp_path), options, layers=[0, 1])
     assert_matches_reference(selection, result)
     assert _passes(result) == {2}
 
 
-def test_second_read_keeps_the_bootstrap_blocks(tmp_path, monkeypatch):
+def test_second_read_keeps_the_bootstrap_blocks(tmp_path):
     """Per-sample-block moments from a second read equal those of the one-read path."""
     path = _archive(tmp_path)
     from analyze.engine import compute_stats
     from storage_schemas import open_archive
     selection = open_archive(path).select(layers=[1])
     once = compute_stats(selection, [1], blocks=3)[1]
-    monkeypatch.setattr(scan, "RAW_ROWS_BYTES", 0)
-    twice = compute_stats(selection, [1], blocks=3)[1]
+    twice = compute_stats(selection, [1], blocks=3, config=ReadConfig(raw_rows_bytes=0))[1]
     assert twice.vision.passes == 2 and once.vision.passes == 1
     for a, b in zip(once.vision.block_inliers + once.text.block_inliers,
                     twice.vision.block_inliers + twice.text.block_inliers):
@@ -69,9 +70,8 @@ def test_second_read_keeps_the_bootstrap_blocks(tmp_path, monkeypatch):
         np.testing.assert_allclose(a.m2, b.m2, rtol=1e-5, atol=1e-6 * np.abs(b.m2).max())
 
 
-def test_window_too_large_to_keep_costs_a_second_read(tmp_path, monkeypatch):
-    monkeypatch.setattr(scan, "DENSE_SLOTS_PER_COLUMN", 0)
-    monkeypatch.setattr(scan, "SPARSE_KEPT_PER_COLUMN", 0)
-    selection, result = analyze_path(_archive(tmp_path), layers=[0, 1])
+def test_window_too_large_to_keep_costs_a_second_read(tmp_path):
+    options = AnalysisOptions(cache=False, reads=ReadConfig(dense_slots_per_column=0, sparse_kept_per_column=0))
+    selection, result = analyze_path(_archive(tmp_path), options, layers=[0, 1])
     assert_matches_reference(selection, result)
     assert 2 in _passes(result)

@@ -3,17 +3,16 @@ histogram of the median's bin, and when they are not, it says so (never a wrong 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyze import window
+from analyze.config import ReadConfig
 from analyze.radix import RadixState, byte_histogram
 from analyze.window import WindowCounts, choose_window, count_window
 
 
-def _scan_blocks(x: np.ndarray, splits: list[int], rows_per_sample: int | None = None
-                 ) -> tuple[RadixState, WindowCounts, int]:
+def _scan_blocks(x: np.ndarray, splits: list[int], rows_per_sample: int | None = None,
+                 config: ReadConfig = ReadConfig()) -> tuple[RadixState, WindowCounts, int]:
     """What the scan does per block, merged: the top-byte histogram and the window counts."""
     blocks = [b for b in np.split(x, sorted(set(min(s, len(x)) for s in splits))) if len(b)]
     state = RadixState.start(x.dtype, len(x), x.shape[1], 2 if x.dtype == np.float16 else 4)
@@ -21,7 +20,7 @@ def _scan_blocks(x: np.ndarray, splits: list[int], rows_per_sample: int | None =
     counts = WindowCounts.empty()
     for b in blocks:
         samples = -(-len(b) // rows_per_sample) if rows_per_sample else None
-        counts = counts.merge(count_window(b, choose_window(byte_histogram(b, 0, state.prefix), samples)))
+        counts = counts.merge(count_window(b, choose_window(byte_histogram(b, 0, state.prefix), samples, config)))
     state.apply_histogram(hist)
     return state, counts, len(blocks)
 
@@ -33,10 +32,7 @@ def _scan_blocks(x: np.ndarray, splits: list[int], rows_per_sample: int | None =
 def test_window_counts_are_exact_or_refused(n, d, seed, dtype, splits, scale, shift, bins, sparse):
     rng = np.random.default_rng(seed)
     x = ((rng.standard_normal((n, d)) + shift) * scale).astype(dtype)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(window, "WINDOW_BINS", bins)
-        mp.setattr(window, "SPARSE_COUNT", sparse)
-        state, counts, blocks = _scan_blocks(x, splits)
+    state, counts, blocks = _scan_blocks(x, splits, config=ReadConfig(window_bins=bins, sparse_count=sparse))
     top = state.prefix & 0xFF
     got = counts.second_byte(top, state.count)
     truth = byte_histogram(x, 1, state.prefix)

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from analyze.bootstrap import paired_difference
 from pipelines.cli import main
+from pipelines.compare import influence_by_id
 
 SIZE = dict(hidden=32, layers=3)
 
@@ -79,6 +81,7 @@ def test_study_does_only_new_work_and_matches_direct_analysis(study_dir):
     assert [int(r["step"]) for r in rows] == [100, 200, 300, 400]
     summary = json.loads((root / "out" / "summary.json").read_text())
     assert (root / "out" / "mir_by_step.png").stat().st_size > 0
+    previous = None
     for row, js in zip(rows, summary):
         direct = runner.invoke(main, ["analyze", js["archive"], "--bootstrap", "30", "--seed", "1", "--no-cache",
                                       "--json", "-"])
@@ -88,6 +91,16 @@ def test_study_does_only_new_work_and_matches_direct_analysis(study_dir):
         assert float(row["ci_low"]) == pytest.approx(expected["bootstrap"]["ci_low"], abs=1e-12)
         assert [js["fd"][str(layer["layer"])] for layer in expected["layers"]] == \
             pytest.approx([layer["fd"] for layer in expected["layers"]], rel=1e-12)
+        if previous is None:
+            assert row["diff_prev"] == row["diff_ci_low"] == "" and js["diff_ci_high"] is None
+        else:  # the difference from the previous checkpoint, paired by sample id, as the library computes it
+            paired = paired_difference(influence_by_id(previous), influence_by_id(expected), 30, 1)
+            assert float(row["diff_prev"]) == pytest.approx(expected["mir"] - previous["mir"], abs=1e-12)
+            assert float(row["diff_ci_low"]) == pytest.approx(paired["ci_low"], abs=1e-9)
+            assert js["diff_ci_high"] == pytest.approx(paired["ci_high"], abs=1e-9)
+            assert row["diff_exceeds_noise"] == str(paired["exceeds_noise"])
+            assert paired["paired_samples"] == expected["n_samples"]
+        previous = expected
     assert len({r["mir"] for r in rows}) == 4  # different weights, different MIR
 
 

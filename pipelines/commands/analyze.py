@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from analyze import analyze_selection, parse_layers, resolve_samples
-from storage_schemas import MODALITIES, open_archive
+from analyze import analyze_archives
+from storage_schemas import MODALITIES
 
 from .options import analysis_options, analysis_run, selection_options, trace_options
 
@@ -21,11 +21,8 @@ def run_analysis(archives, layers, samples, where, text_tokens, scheduler, worke
     options = analysis_options(precision=precision, no_cache=no_cache, cache_dir=cache_dir, memory_limit=memory_limit,
                                **extra)
     with analysis_run(scheduler, workers, progress) as runner:
-        archive = open_archive(list(archives))
-        rows = resolve_samples(archive, samples, where)
-        chosen = parse_layers(layers, archive.layers, archive.hidden_states_entries)
-        selection = archive.select(samples=rows, layers=chosen, text_tokens=text_tokens)
-        return analyze_selection(selection, options, runner=runner)
+        return analyze_archives(list(archives), layers=layers, samples=samples, where=where, text_tokens=text_tokens,
+                                options=options, runner=runner)
 
 
 def _emit_json(result, path: str | None) -> None:
@@ -79,24 +76,27 @@ def analyze_cmd(json_path, netcdf_path, plot_path, report_path, **kwargs):
 def _header(result) -> str:
     cached = result.cache.get("layers_reused") or []
     return (f"{result.n_samples} samples, {result.n_vision_tokens} vision / {result.n_text_tokens} text tokens per "
-            f"layer, {len(result.layers)} layers; trace: {result.mode}"
+            f"layer, {result.dataset.sizes['layer']} layers; trace: {result.mode}"
             + (f"; {len(cached)} layer(s) from cache" if cached else "")
             + f"; {result.elapsed_s:.1f} s")
 
 
 def format_result(result) -> str:
-    """The per-layer MIR table printed by `mir analyze` (also used by `mir demo`)."""
+    """The per-layer MIR table printed by `mir analyze` (also used by `mir demo`), from the result's Dataset."""
+    ds = result.dataset
     lines = [f"MIR = {result.mir:.6f}   ({_header(result)})"]
-    if result.bootstrap:
-        b = result.bootstrap
-        lines.append(f"95% CI [{b['ci_low']:.6f}, {b['ci_high']:.6f}]  (bootstrap: {b['replicates']} replicates over "
-                     f"{b['blocks']} sample blocks, seed {b['seed']}; sd {b['std']:.2g})")
+    if "mir_replicate" in ds:
+        a = ds.attrs
+        lines.append(f"95% CI [{a['mir_ci_low']:.6f}, {a['mir_ci_high']:.6f}]  (bootstrap: {a['bootstrap_replicates']} "
+                     f"replicates over {a['bootstrap_units']} samples, seed {a['bootstrap_seed']}; sd "
+                     f"{a['mir_bootstrap_std']:.2g})")
     lines.append(f"{'layer':>5} {'FD':>11} {'mean term':>11} {'cov term':>11} {'scale a':>11} "
                  f"{'outl. v/t':>11}  route")
-    for s in result.layers:
-        out = f"{s['vision']['outliers']}/{s['text']['outliers']}"
-        lines.append(f"{s['layer']:>5} {_fmt(s['fd'])} {_fmt(s['fd_mean_term'])} {_fmt(s['fd_covariance_term'])} "
-                     f"{_fmt(s['scale'])} {out:>11}  {s['route']}")
+    for layer in ds["layer"].values:
+        s = ds.sel(layer=layer)
+        out = f"{int(s['outliers'].sel(modality='vision'))}/{int(s['outliers'].sel(modality='text'))}"
+        lines.append(f"{layer:>5} {_fmt(float(s['fd']))} {_fmt(float(s['fd_mean_term']))} "
+                     f"{_fmt(float(s['fd_covariance_term']))} {_fmt(float(s['scale']))} {out:>11}  {s['route'].item()}")
     return "\n".join(lines)
 
 
@@ -112,18 +112,19 @@ def stats_cmd(json_path, **kwargs):
 
 
 def _stats_table(result) -> str:
+    ds = result.dataset
     lines = [_header(result).split("; trace")[0]]
     lines.append(f"{'layer':>5} {'modality':>8} {'tokens':>8} {'norm mean':>11} {'norm med':>11} {'norm std':>11} "
                  f"{'outliers':>8} {'tot. var':>11} {'eff. rank':>9} {'top eig':>11} {'cond':>9}")
-    for s in result.layers:
+    for layer in ds["layer"].values:
+        s = ds.sel(layer=layer)
         for m in MODALITIES:
-            v = s[m]
-            lines.append(f"{s['layer']:>5} {m:>8} {v['tokens']:>8} {_fmt(v['norm_mean'])} {_fmt(v['norm_median'])} "
-                         f"{_fmt(v['norm_std'])} {v['outliers']:>8} {_fmt(v['total_variance'])} "
-                         f"{v['effective_rank']:>9.2f} {_fmt(v['leading_eigenvalues'][0])} "
-                         f"{_fmt(v['condition_number'], 9)}")
-        lines.append(f"{'':>5} {'cross':>8} scale a {s['scale']:.5g}; FD {s['fd']:.5g} = mean term "
-                     f"{s['fd_mean_term']:.5g} + covariance term {s['fd_covariance_term']:.5g}; centroid cosine "
-                     f"{s['centroid_cosine']:.4f}")
+            v = {name: s[name].sel(modality=m).values for name in ds.data_vars if "modality" in ds[name].dims}
+            lines.append(f"{layer:>5} {m:>8} {int(v['tokens']):>8} {_fmt(float(v['norm_mean']))} "
+                         f"{_fmt(float(v['norm_median']))} {_fmt(float(v['norm_std']))} {int(v['outliers']):>8} "
+                         f"{_fmt(float(v['total_variance']))} {float(v['effective_rank']):>9.2f} "
+                         f"{_fmt(float(v['leading_eigenvalues'][0]))} {_fmt(float(v['condition_number']), 9)}")
+        lines.append(f"{'':>5} {'cross':>8} scale a {float(s['scale']):.5g}; FD {float(s['fd']):.5g} = mean term "
+                     f"{float(s['fd_mean_term']):.5g} + covariance term {float(s['fd_covariance_term']):.5g}; "
+                     f"centroid cosine {float(s['centroid_cosine']):.4f}")
     return "\n".join(lines)
-

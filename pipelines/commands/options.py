@@ -73,10 +73,9 @@ def trace_options(bootstrap_default: int):
                          help="Trace term: exact (float64 symmetric eigensolver), or the reference code's fast / "
                               "accurate modes."),
             click.option("--bootstrap", default=bootstrap_default, show_default=True, type=click.IntRange(min=0),
-                         help="Bootstrap replicates for 95% confidence intervals (0: none)."),
+                         help="Bootstrap replicates (samples resampled; delta method) for 95% confidence intervals "
+                              "(0: none)."),
             click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap."),
-            click.option("--bootstrap-blocks", "blocks", default=20, show_default=True, type=click.IntRange(min=2),
-                         help="Blocks of samples the bootstrap resamples (statistics kept per block)."),
         ]
         for option in reversed(options):
             fn = option(fn)

@@ -1,0 +1,73 @@
+"""What `mir analyze --bootstrap B` costs at the paper's width, measured side by side in one run.
+
+    flock /tmp/heavy.lock python bench/bootstrap_bench.py          # d = 4096, LLaVA-1.5-7B-like shape
+    python bench/bootstrap_bench.py --small                         # a quick check of the script itself
+
+On one synthetic archive shaped like LLaVA-1.5-7B (hidden size 4096, 100 samples, 576 vision + ~800
+text tokens per sample; 2 of the decoder layers: scaled down in layer count, never in width), three
+`mir analyze` processes, each timed (wall) with its peak RSS (psutil, all its processes):
+1. without bootstrap, cold cache;
+2. `--bootstrap 1000`, cold cache (the statistics, then the influence read);
+3. `--bootstrap 1000 --seed 1`, the cache of run 2: must read no data.
+The archive is deleted afterwards. Target (issue 12): run 2 at most 1.3x run 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from analyze_bench import run_measured  # noqa: E402
+
+FULL = dict(layers=2, hidden=4096, samples=100, vision_tokens=576, text_tokens=800)
+SMALL = dict(layers=2, hidden=256, samples=40, vision_tokens=96, text_tokens=64)
+REPLICATES = 1000
+
+
+def mir(*args) -> list[str]:
+    return [sys.executable, "-m", "pipelines.cli", *map(str, args)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--memory-limit", default=None, help="passed to every mir analyze (e.g. 2GB)")
+    args = parser.parse_args()
+    shape = SMALL if args.small else FULL
+    work = Path(tempfile.mkdtemp(prefix="mir-bootstrap-bench-"))
+    try:
+        archive = work / "a.zarr"
+        synth = run_measured(mir("synth", "--out", archive, "--dtype", "float16", "--seed", 0,
+                                 *[x for k, v in shape.items() for x in (f"--{k.replace('_', '-')}", v)]))
+        print(f"archive: {shape}, float16; written in {synth['wall_s']:.0f} s", flush=True)
+        budget = ["--memory-limit", args.memory_limit] if args.memory_limit else []
+        runs = {}
+        for name, extra in (("no bootstrap", ["--cache-dir", work / "c0"]),
+                            (f"--bootstrap {REPLICATES}", ["--cache-dir", work / "c1", "--bootstrap", REPLICATES]),
+                            (f"--bootstrap {REPLICATES} --seed 1 (cached)",
+                             ["--cache-dir", work / "c1", "--bootstrap", REPLICATES, "--seed", 1])):
+            out = work / "r.json"
+            runs[name] = run_measured(mir("analyze", archive, *budget, *extra, "--json", out))
+            runs[name]["json"] = json.loads(out.read_text())
+            print(f"  {name:<36} wall {runs[name]['wall_s']:7.1f} s   peak RSS {runs[name]['peak_rss'] / 1e9:5.2f} GB",
+                  flush=True)
+        base, boot, again = runs.values()
+        b, b2 = boot["json"]["bootstrap"], again["json"]["bootstrap"]
+        layers = again["json"]["settings"]["layers"]
+        print(f"\nMIR {boot['json']['mir']:.5f}; 95% CI [{b['ci_low']:.5f}, {b['ci_high']:.5f}] (seed 0), "
+              f"[{b2['ci_low']:.5f}, {b2['ci_high']:.5f}] (seed 1); sd {b['std']:.2g} ({b['units']} samples)")
+        print(f"bootstrap / no bootstrap: wall {boot['wall_s'] / base['wall_s']:.2f}x, peak RSS "
+              f"{boot['peak_rss'] / base['peak_rss']:.2f}x (target <= 1.3x)")
+        print(f"rerun with another seed: wall {again['wall_s']:.1f} s; layers from cache "
+              f"{again['json']['cache']['layers_reused']} of {layers} (reads no data: "
+              f"{again['json']['cache']['layers_reused'] == layers})")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Checks every number `mir analyze` / `mir stats` publish (JSON, netCDF, the printed tables) against
+the independent float64 implementation in analyze_reference.py.
+
+`PUBLISHED_LAYER` / `PUBLISHED_MODALITY` list the per-layer fields and how each is compared; a field
+the analysis publishes that is not listed here fails `check_document`, so a new number cannot be
+published untested.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import xarray as xr
+from analyze_reference import layer_numbers
+from analyze_reference_bootstrap import published_bootstrap
+
+FD_RTOL = 1e-5  # float32 Gram products on centred data
+EXACT, RAW, FD_SHARE, COSINE, SPECTRUM, CONDITION, PASSES, NEGATIVE = (
+    "exact", "raw", "fd-share", "cosine", "spectrum", "condition", "passes", "negative")
+
+PUBLISHED_LAYER = {"layer": EXACT, "fd": SPECTRUM, "fd_mean_term": FD_SHARE, "fd_covariance_term": FD_SHARE,
+                   "trace_sqrt": SPECTRUM, "scale": RAW, "route": EXACT, "centroid_cosine": COSINE,
+                   "negative_eigenvalue_mass": NEGATIVE}
+PUBLISHED_MODALITY = {"tokens": EXACT, "outliers": EXACT, "norm_mean": RAW, "norm_median": RAW, "norm_std": RAW,
+                      "outlier_threshold": RAW, "tokens_per_channel": RAW, "total_variance": SPECTRUM,
+                      "effective_rank": SPECTRUM, "leading_eigenvalues": SPECTRUM, "numerical_rank": EXACT,
+                      "condition_number": CONDITION, "data_passes": PASSES}
+PUBLISHED_TOP = {"mir", "mode", "n_samples", "n_vision_tokens", "n_text_tokens", "layers", "bootstrap", "warnings",
+                 "settings", "cache", "elapsed_s", "versions"}
+
+
+def reference_inputs(selection) -> list[tuple]:
+    """(vision, vision token samples, text, text token samples) of every selected layer, read in full."""
+    vs, ts = selection.vision["sample"].values, selection.text["sample"].values
+    return [(np.asarray(selection.vision.data[i].compute()), vs, np.asarray(selection.text.data[i].compute()), ts)
+            for i in range(len(selection.layers))]
+
+
+def reference_document(selection, bootstrap: dict | None = None) -> dict:
+    """What the JSON should say. `bootstrap`: {"replicates", "seed"} when one was asked for."""
+    inputs = reference_inputs(selection)
+    layers = [layer_numbers(v, t, int(layer)) for layer, (v, _, t, _) in zip(selection.layers, inputs)]
+    doc = {"mir": math.log10(sum(r["fd"] for r in layers)), "n_samples": len(selection.sample_index),
+           "n_vision_tokens": len(inputs[0][0]), "n_text_tokens": len(inputs[0][2]), "layers": layers}
+    if bootstrap:
+        doc["bootstrap"] = published_bootstrap(inputs, selection.sample_index, bootstrap["replicates"],
+                                               bootstrap["seed"])
+        doc["bootstrap"]["sample_ids"] = selection.sample_ids
+    return doc
+
+
+def _close(kind: str, got, want, fd: float, where: str, rtol: float = FD_RTOL) -> None:
+    if kind == EXACT:
+        assert got == want, (where, got, want)
+    elif kind == RAW:  # float64 from exact squares of stored values
+        assert math.isclose(got, want, rel_tol=1e-10), (where, got, want)
+    elif kind == FD_SHARE:  # a part of FD: relative to FD, which may be far larger
+        assert abs(got - want) <= rtol * (abs(want) + abs(fd)), (where, got, want)
+    elif kind == COSINE:
+        assert abs(got - want) <= 1e-6, (where, got, want)
+    elif kind == SPECTRUM:
+        g, w = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        assert g.shape == w.shape and (np.isnan(g) == np.isnan(w)).all(), (where, got, want)
+        scale = np.nanmax(np.abs(w))
+        assert np.all(np.abs(g - w)[~np.isnan(w)] <= rtol * scale), (where, got, want)
+    elif kind == CONDITION:  # LAPACK's 1-norm estimate: a lower bound, within a small factor; JSON null: inf
+        got = math.inf if got is None else got
+        assert (math.isinf(got) and math.isinf(want)) or 0.3 * want <= got <= want * (1 + 1e-3), (where, got, want)
+    elif kind == PASSES:
+        assert got in (1, 2, 3, 4), (where, got)
+    else:
+        raise AssertionError(f"no comparison named {kind}")
+
+
+def check_layers(got_layers: list[dict], ref_layers: list[dict], rtol: float = FD_RTOL) -> None:
+    """Every published per-layer number equals the reference; every published field is known here."""
+    assert [g["layer"] for g in got_layers] == [r["layer"] for r in ref_layers]
+    for got, ref in zip(got_layers, ref_layers):
+        assert set(got) == set(PUBLISHED_LAYER) | {"vision", "text"}, sorted(set(got) ^ set(PUBLISHED_LAYER))
+        for name, kind in PUBLISHED_LAYER.items():
+            if kind == NEGATIVE:
+                scale = got["vision"]["total_variance"] + got["text"]["total_variance"]
+                assert 0 <= got[name] <= 1e-6 * scale, (got["layer"], name, got[name])
+            else:
+                _close(kind, got[name], ref[name], ref["fd"], f"layer {got['layer']} {name}", rtol)
+        for m in ("vision", "text"):
+            assert set(got[m]) == set(PUBLISHED_MODALITY), sorted(set(got[m]) ^ set(PUBLISHED_MODALITY))
+            for name, kind in PUBLISHED_MODALITY.items():
+                _close(kind, got[m][name], ref[m].get(name), ref["fd"], f"layer {got['layer']} {m} {name}", rtol)
+
+
+def check_bootstrap(got: dict, ref: dict) -> None:
+    for name in ("replicates", "seed", "level", "unit", "units"):
+        assert got[name] == ref[name], (name, got[name], ref[name])
+    replicates = np.array([np.nan if x is None else x for x in got["mir_replicates"]], np.float64)  # JSON null: nan
+    # as summed FDs, to FD_RTOL of the terms they sum: FD and up to N-fold weighted influence values (a
+    # replicate far below FD is a difference of such terms)
+    got_fd, want_fd = 10 ** replicates, 10 ** ref["mir_replicates"]
+    assert np.array_equal(np.isnan(got_fd), np.isnan(want_fd))
+    scale = ref["fd_total"] + len(ref["fd_influence"]) * np.abs(ref["fd_influence"]).max()
+    ok = np.isnan(want_fd) | (np.abs(got_fd - want_fd) <= FD_RTOL * (scale + np.abs(want_fd)))
+    assert ok.all(), (got_fd[~ok], want_fd[~ok])
+    for name in ("ci_low", "ci_high"):  # as FDs, like the replicates
+        g, w = 10 ** got[name], 10 ** ref[name]
+        assert abs(g - w) <= FD_RTOL * (scale + w), (name, got[name], ref[name])
+    for name in ("std", "delta_std"):
+        assert abs(got[name] - ref[name]) <= 1e-4 * abs(ref[name]), (name, got[name], ref[name])
+    assert "delta method" in got["method"] and "outlier rule" in got["held"] and "medians" in got["held"]
+    if "fd_influence" in got:  # the JSON: the per-sample values, summed over layers, by sample id
+        assert got["sample_ids"] == ref["sample_ids"]
+        np.testing.assert_allclose(got["fd_influence"], ref["fd_influence"], rtol=1e-4,
+                                   atol=1e-5 * np.abs(ref["fd_influence"]).max())
+        assert abs(got["fd_total"] - ref["fd_total"]) <= 1e-5 * ref["fd_total"]
+
+
+def check_document(doc: dict, ref: dict, *, mode: str = "exact", rtol: float = FD_RTOL) -> None:
+    """The whole JSON of `mir analyze` / `mir stats`."""
+    assert set(doc) == PUBLISHED_TOP, sorted(set(doc) ^ PUBLISHED_TOP)
+    assert abs(doc["mir"] - ref["mir"]) <= 1e-6 and doc["mode"] == mode
+    for name in ("n_samples", "n_vision_tokens", "n_text_tokens"):
+        assert doc[name] == ref[name], (name, doc[name], ref[name])
+    check_layers(doc["layers"], ref["layers"], rtol)
+    if "bootstrap" in ref:
+        check_bootstrap(doc["bootstrap"], ref["bootstrap"])
+    else:
+        assert doc["bootstrap"] is None
+    layers = [r["layer"] for r in ref["layers"]]
+    assert doc["settings"]["layers"] == layers and doc["settings"]["mode"] == mode
+    assert doc["elapsed_s"] >= 0 and doc["versions"]["numpy"] == np.__version__
+    warned = {(int(m.group(1)), m.group(2)) for w in doc["warnings"]
+              for m in [re.match(r"layer (\d+): fewer (.*) tokens than channels", w)] if m}
+    expected = {(r["layer"], " and ".join(m for m in ("vision", "text") if r[m]["tokens_per_channel"] < 1))
+                for r in ref["layers"]} - {(r["layer"], "") for r in ref["layers"]}
+    assert warned == expected, (warned, expected)
+    assert any("N >= 20" in w for w in doc["warnings"]) == (ref["n_samples"] < 20)
+
+
+def layers_from_dataset(ds: xr.Dataset) -> list[dict]:
+    """The netCDF's per-layer variables in the JSON's shape; every variable must have a known name."""
+    out = []
+    for i, layer in enumerate(ds["layer"].values):
+        row = {"layer": int(layer), "vision": {}, "text": {}}
+        for name, var in ds.data_vars.items():
+            if var.dims in (("replicate",), ("layer", "sample")):
+                continue  # the bootstrap's MIR replicates and per-sample values: check_dataset
+            assert name in PUBLISHED_LAYER or name in PUBLISHED_MODALITY, f"netCDF variable {name!r} is not checked"
+            if var.dims == ("layer",):
+                value = var.values[i]
+                row[name] = value.decode() if isinstance(value, bytes) else value.item()
+            else:
+                for j, m in enumerate(ds["modality"].values.astype(str)):
+                    value = var.values[i, j]
+                    row[m][name] = value.item() if np.ndim(value) == 0 else value
+        out.append(row)
+    return out
+
+
+DATASET_ATTRS = {"mir", "sqrt_mode", "n_samples", "n_vision_tokens", "n_text_tokens", "settings", "versions"}
+BOOTSTRAP_ATTRS = {"bootstrap_replicates": "replicates", "bootstrap_seed": "seed", "bootstrap_level": "level",
+                   "mir_ci_low": "ci_low", "mir_ci_high": "ci_high", "mir_bootstrap_std": "std",
+                   "mir_delta_std": "delta_std", "bootstrap_method": "method", "bootstrap_unit": "unit",
+                   "bootstrap_units": "units", "bootstrap_held": "held"}
+
+
+def check_dataset(ds: xr.Dataset, ref: dict, *, mode: str = "exact") -> None:
+    """The netCDF: every variable and attribute."""
+    check_layers(layers_from_dataset(ds), ref["layers"])
+    expected = DATASET_ATTRS | (set(BOOTSTRAP_ATTRS) if "bootstrap" in ref else set())
+    assert set(ds.attrs) == expected, sorted(set(ds.attrs) ^ expected)
+    assert abs(ds.attrs["mir"] - ref["mir"]) <= 1e-6 and ds.attrs["n_samples"] == ref["n_samples"]
+    assert ds.attrs["n_vision_tokens"] == ref["n_vision_tokens"] and ds.attrs["n_text_tokens"] == ref["n_text_tokens"]
+    assert ds.attrs["sqrt_mode"] == mode
+    assert "mir_replicate" in ds.data_vars or "bootstrap" not in ref
+    if "bootstrap" in ref:
+        got = {key: ds.attrs[attr] for attr, key in BOOTSTRAP_ATTRS.items()}
+        got["mir_replicates"] = ds["mir_replicate"].values
+        check_bootstrap(got, ref["bootstrap"])
+        assert ds["fd_influence"].dims == ("layer", "sample")
+        assert ds["sample_id"].values.astype(str).tolist() == ref["bootstrap"]["sample_ids"]
+        np.testing.assert_allclose(ds["fd_influence"].sum("layer").values, ref["bootstrap"]["fd_influence"],
+                                   rtol=1e-4, atol=1e-5 * np.abs(ref["bootstrap"]["fd_influence"]).max())
+
+
+def _num(text: str) -> float:
+    return math.nan if text == "nan" else float(text)
+
+
+def check_analyze_table(text: str, ref: dict) -> None:
+    """The table `mir analyze` prints: MIR, and per layer FD, its two terms, the scale and the outliers."""
+    assert abs(float(re.search(r"MIR = (\S+)", text).group(1)) - ref["mir"]) <= 2e-6
+    if "bootstrap" in ref:
+        low, high = re.search(r"95% CI \[(\S+), (\S+)\]", text).groups()
+        boot = ref["bootstrap"]
+        scale = boot["fd_total"] + len(boot["fd_influence"]) * np.abs(boot["fd_influence"]).max()
+        for got, name in ((low, "ci_low"), (high, "ci_high")):  # as FDs (see check_bootstrap); 6 decimals printed
+            w = 10 ** boot[name]
+            assert abs(10 ** float(got) - w) <= FD_RTOL * (scale + w) + 3e-6 * w, (got, name)
+    rows = {int(p[0]): p for p in (line.split() for line in text.splitlines()) if p and p[0].isdigit()}
+    assert sorted(rows) == [r["layer"] for r in ref["layers"]]
+    for r in ref["layers"]:
+        p = rows[r["layer"]]
+        for got, want in zip(p[1:5], (r["fd"], r["fd_mean_term"], r["fd_covariance_term"], r["scale"])):
+            assert abs(_num(got) - want) <= 1e-4 * abs(want) + FD_RTOL * r["fd"], (p, want)
+        assert p[5] == f"{r['vision']['outliers']}/{r['text']['outliers']}" and p[6] == r["route"]
+
+
+def check_stats_table(text: str, ref: dict) -> None:
+    """The table `mir stats` prints: per modality the norms, outliers, variance, rank, top eigenvalue,
+    condition number; per layer the scale, FD and its terms and the centroid cosine."""
+    by_layer = {r["layer"]: r for r in ref["layers"]}
+    seen, layer = set(), None
+    for line in text.splitlines()[2:]:
+        p = line.split()
+        if p[0] == "cross":
+            r = by_layer[layer]
+            m = re.search(r"scale a (\S+); FD (\S+) = mean term (\S+) \+ covariance term (\S+); centroid cosine (\S+)",
+                          line)
+            for got, want in zip(m.groups()[:4], (r["scale"], r["fd"], r["fd_mean_term"], r["fd_covariance_term"])):
+                assert abs(float(got) - want) <= 1e-4 * abs(want) + FD_RTOL * r["fd"], (line, want)
+            assert abs(float(m.group(5)) - r["centroid_cosine"]) <= 1e-4, line
+            seen.add((layer, "cross"))
+            continue
+        layer, mod = int(p[0]), p[1]
+        want = by_layer[layer][mod]
+        assert int(p[2]) == want["tokens"] and int(p[6]) == want["outliers"], line
+        for got, name in zip((p[3], p[4], p[5], p[7]), ("norm_mean", "norm_median", "norm_std", "total_variance")):
+            assert math.isclose(_num(got), want[name], rel_tol=1e-4), (line, name)
+        assert abs(float(p[8]) - want["effective_rank"]) <= 0.006, line
+        assert math.isclose(_num(p[9]), want["leading_eigenvalues"][0], rel_tol=1e-4), line
+        cond = _num(p[10])
+        assert (math.isinf(want["condition_number"]) and math.isnan(cond)) or \
+            0.3 * want["condition_number"] <= cond <= 1.001 * want["condition_number"], line
+        seen.add((layer, mod))
+    assert seen == {(r["layer"], m) for r in ref["layers"] for m in ("vision", "text", "cross")}
