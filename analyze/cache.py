@@ -21,6 +21,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import zarr
@@ -108,11 +109,16 @@ class StatsCache:
             log.info("not caching layer %s: %d blocks of %d x %d statistics exceed %d bytes", stats.layer, k, d, d,
                      MAX_ENTRY_BYTES)
             return None
+        return self._publish(self.entry_name(key), lambda tmp: _write_entry(tmp, key, stats))
+
+    def _publish(self, name: str, write: Callable[[Path], None]) -> Path | None:
+        """Write an entry into a temporary folder, then rename it into place (atomic: readers never see
+        half an entry); None when the cache folder is not writable."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             tmp = self.directory / f".tmp-{uuid.uuid4().hex}"
-            _write_entry(tmp, key, stats)
-            final = self.directory / self.entry_name(key)
+            write(tmp)
+            final = self.directory / name
             try:
                 os.rename(tmp, final)
             except OSError:  # a concurrent run wrote the same entry first: keep theirs
@@ -125,9 +131,7 @@ class StatsCache:
 
     def store_values(self, key: dict, values: dict[str, np.ndarray]) -> Path | None:
         """Small float64 arrays (a layer's per-sample influence values), written atomically like an entry."""
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            tmp = self.directory / f".tmp-{uuid.uuid4().hex}"
+        def write(tmp: Path) -> None:
             root = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
             for name, value in values.items():
                 arr = np.asarray(value, np.float64)
@@ -135,16 +139,8 @@ class StatsCache:
                 with zarr.config.set({"array.write_empty_chunks": True}):
                     root[name][...] = arr
             root.attrs.update({"format": FORMAT, "key": key, "complete": True})
-            final = self.directory / self.values_name(key)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-            self._purge()
-            return final
-        except OSError as exc:
-            log.warning("cannot write the analysis cache in %s (%s); continuing without it", self.directory, exc)
-            return None
+
+        return self._publish(self.values_name(key), write)
 
     def load_values(self, key: dict) -> dict[str, np.ndarray] | None:
         """The arrays stored under `key`, or None (missing, incomplete, another key, damaged: then removed)."""

@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ModelError
 from .extraction import ExtractOptions, ExtractResult, extract
-from .loading import ModelInfo, _text_config, config_hash, image_token_id_from_config, weights_hash
+from .loading import (ModelInfo, _text_config, config_hash, image_token_id_from_config, processor_tokenizer,
+                      weights_hash)
 
 
 def live_model_info(model: Any, processor: Any, *, run: str, step: int, checkpoint: str | Path | None = None,
@@ -27,14 +27,8 @@ def live_model_info(model: Any, processor: Any, *, run: str, step: int, checkpoi
     config = model.config
     where = f"run {run!r} at step {step}"
     image_token_id = image_token_id_from_config(config, where)
-    image_token = getattr(processor, "image_token", None)
-    tokenizer = getattr(processor, "tokenizer", None)
-    if image_token is None or tokenizer is None:
-        raise ModelError(f"{where}: the processor has no image token or no tokenizer")
-    proc_id = tokenizer.convert_tokens_to_ids(image_token)
-    if proc_id != image_token_id:
-        raise ModelError(f"{where}: the processor's image token {image_token!r} has id {proc_id}, but the "
-                         f"config's image token id is {image_token_id}")
+    processor_tokenizer(processor, image_token_id, where)  # checks the image token
+    image_token = processor.image_token
     param = next(model.parameters())
     text_config = _text_config(config)
     dtype = str(param.dtype).removeprefix("torch.")

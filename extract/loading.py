@@ -91,6 +91,19 @@ def image_token_id_from_config(config: Any, where: str) -> int:
     )
 
 
+def processor_tokenizer(processor: Any, image_token_id: int, where: str) -> Any:
+    """The processor's tokenizer, once its image token is checked to be the config's image token id."""
+    image_token = getattr(processor, "image_token", None)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if image_token is None or tokenizer is None:
+        raise ModelError(f"{where}: the processor has no image token or no tokenizer")
+    proc_id = tokenizer.convert_tokens_to_ids(image_token)
+    if proc_id != image_token_id:
+        raise ModelError(f"{where}: the processor's image token {image_token!r} has id {proc_id}, but the "
+                         f"config's image token id is {image_token_id}")
+    return tokenizer
+
+
 def _text_config(config: Any) -> Any:
     for name in ("text_config", "language_config", "llm_config"):
         sub = getattr(config, name, None)
@@ -190,16 +203,7 @@ def _config_and_processor(name_or_path: str, *, trust_remote_code: bool,
     processor, processor_kind = _load_processor(
         name_or_path, config, trust_remote_code=trust_remote_code, revision=revision
     )
-    image_token = getattr(processor, "image_token", None)
-    tokenizer = getattr(processor, "tokenizer", None)
-    if image_token is None or tokenizer is None:
-        raise ModelError(f"{name_or_path}: the processor has no image token or no tokenizer")
-    proc_id = tokenizer.convert_tokens_to_ids(image_token)
-    if proc_id != image_token_id:
-        raise ModelError(
-            f"{name_or_path}: the processor's image token {image_token!r} has id {proc_id}, but the "
-            f"config's image token id is {image_token_id}"
-        )
+    tokenizer = processor_tokenizer(processor, image_token_id, name_or_path)
     # Right padding: real tokens keep positions 0..n-1 and, the attention being causal, never
     # see the padding, so results do not depend on what else is in the batch.
     tokenizer.padding_side = "right"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from storage_schemas.provenance import json_digest, library_versions

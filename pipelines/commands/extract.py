@@ -56,9 +56,8 @@ def extract(model, out, images, texts, manifest, num, seed, batch_size, device, 
             commit_every, compression, no_preflight, dry_run, quiet):
     """Run MODEL once per image-text sample and store every layer's vision- and text-token hidden states."""
     from extract.errors import ExtractError
-    from extract.extraction import ExtractOptions, parse_shard
+    from extract.extraction import ExtractOptions, extract, parse_shard
     from extract.plan import estimate
-    from extract.extraction import extract as run_extract
 
     try:
         opts = ExtractOptions(
@@ -75,8 +74,10 @@ def extract(model, out, images, texts, manifest, num, seed, batch_size, device, 
             click.echo(plan.describe())
             return
         if shard == "auto":
-            from extract.launch import extract_auto as run_extract
-        result = run_extract(opts, on_info=click.echo)
+            from extract.launch import extract_auto
+            result = extract_auto(opts, on_info=click.echo)
+        else:
+            result = extract(opts, on_info=click.echo)
     except (ExtractError, ArchiveError) as exc:
         raise _fail(exc) from exc
     skipped = f" ({result.samples_skipped} already there)" if result.samples_skipped else ""
