@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from storage_schemas import ArchiveError, ArchiveWriter, SampleRecord, TextTokenRule, ranges
+from storage_schemas.records import is_bfloat16_bits
 
 from . import data as data_mod
 from . import provenance
@@ -239,12 +240,17 @@ def record_maker(model_dtype: str) -> Callable[..., SampleRecord]:
     """`make_record(prepared, vision, text)` for the run loop, in the archive's stored dtype."""
     stored_dtype = np.float16 if model_dtype == "float16" else np.float32
 
+    def stored(values: np.ndarray) -> np.ndarray:
+        if model_dtype == "bfloat16" and is_bfloat16_bits(values):
+            return values  # the writer widens the bits to float32 as it copies them into shards
+        return values.astype(stored_dtype, copy=False)
+
     def make_record(ps: Any, vision: np.ndarray, text: np.ndarray) -> SampleRecord:
         t = ps.tokens
         return SampleRecord(
             sample_id=ps.sample.sample_id, image=ps.sample.image_ref, text=ps.sample.text_ref,
-            vision=vision.astype(stored_dtype, copy=False), vision_position=t.vision_position,
-            text_hidden=text.astype(stored_dtype, copy=False), text_position=t.text_position,
+            vision=stored(vision), vision_position=t.vision_position,
+            text_hidden=stored(text), text_position=t.text_position,
             text_token_id=t.text_token_id, text_role=t.text_role, input_ids=t.input_ids)
 
     return make_record

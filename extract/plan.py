@@ -48,8 +48,9 @@ class Plan:
 
     @property
     def batch_bytes(self) -> float:
-        """Host memory of one batch of hidden states (bfloat16 also passes through as float32)."""
-        per_value = self.bytes_per_value + (2 if self.dtype == "bfloat16" else 0)
+        """Host memory of one batch of hidden states, in the model's dtype (bfloat16 stays 2 bytes a
+        value on the host: the writer widens it to float32 only into its shard buffers)."""
+        per_value = 2 if self.dtype == "bfloat16" else self.bytes_per_value
         return self.batch_size * (self.mean_vision_tokens + self.mean_text_tokens) * len(self.layers) * \
             self.hidden_size * per_value
 

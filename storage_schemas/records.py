@@ -13,7 +13,9 @@ class SampleRecord:
     """Everything stored for one sample: all stored layers of its vision and non-image tokens.
 
     `vision` and `text_hidden` are (n_layers, n_tokens, hidden). bfloat16 model output is passed
-    as float32 (exact); the writer checks that its low 16 bits are zero.
+    as float32 (exact; the writer checks that its low 16 bits are zero) or as its raw bits (uint16,
+    see `is_bfloat16_bits`): the writer then widens it to float32 only as it copies it into a shard,
+    so no float32 copy of a whole batch exists (at the paper's shape that is 1.5 GiB).
     """
 
     sample_id: str
@@ -46,13 +48,15 @@ class SampleRecord:
             if arr.ndim != 3 or arr.shape[0] != n_layers or arr.shape[2] != hidden_size:
                 raise ArchiveError(
                     f"{who}: {name} has shape {arr.shape}, expected ({n_layers}, tokens, {hidden_size})")
-            if arr.dtype != np.dtype(stored_dtype):
-                raise ArchiveError(f"{who}: {name} is {arr.dtype}, the archive stores {stored_dtype}")
-            if source_dtype == "bfloat16" and arr.size and not _low_halves_zero(arr):
+            bits = source_dtype == "bfloat16" and is_bfloat16_bits(arr)
+            if arr.dtype != np.dtype(stored_dtype) and not bits:
+                raise ArchiveError(f"{who}: {name} is {arr.dtype}, the archive stores {stored_dtype}"
+                                   + (" (or bfloat16 bits as uint16)" if source_dtype == "bfloat16" else ""))
+            if source_dtype == "bfloat16" and not bits and arr.size and not _low_halves_zero(arr):
                 raise ArchiveError(f"{who}: {name} holds values that are not bfloat16; refusing to store "
                                    "them in a bfloat16-sourced archive")
             if not allow_nonfinite and arr.size and not _all_finite(arr):
-                bad = int((~np.isfinite(arr)).sum())
+                bad = int(sum((~np.isfinite(widen_bfloat16(layer) if bits else layer)).sum() for layer in arr))
                 raise ArchiveError(f"{who}: {name} holds {bad} NaN/Inf values (the model overflowed in its "
                                    "dtype?); try --dtype float32")
         n_text = self.n_text
@@ -72,23 +76,39 @@ class SampleRecord:
             raise ArchiveError(f"{who}: token positions fall outside its {seq.size} input tokens")
 
 
+def is_bfloat16_bits(arr: np.ndarray) -> bool:
+    """Whether `arr` holds bfloat16 values as their raw 16 bits (what torch's bfloat16 looks like
+    through `.view(torch.int16).numpy().view(np.uint16)`)."""
+    return arr.dtype == np.uint16
+
+
+def widen_bfloat16(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """bfloat16 bits (uint16) as the float32 values they are (exact): the bits become the high half."""
+    if out is None:
+        out = np.empty(bits.shape, np.float32)
+    np.left_shift(bits, 16, out=out.view(np.uint32), dtype=np.uint32)
+    return out
+
+
 # The checks below run on every value the writer stores (hundreds of MB per sample at the paper's
 # shape), so they go layer by layer without full-size temporaries: np.isfinite on float16 and a
-# masked uint32 copy ran at 0.3-0.45 GB/s, these at 3-4 GB/s.
-def _rows(arr: np.ndarray, dtype) -> np.ndarray:
-    flat = np.ascontiguousarray(arr).reshape(arr.shape[0], -1)
-    return flat.view(dtype)
+# masked uint32 copy ran at 0.3-0.45 GB/s, these at 3-4 GB/s. A sample's values are a slice of its
+# batch along the token axis, so the whole array is not contiguous but each layer of it is: a copy
+# of the whole (up to a quarter GiB at the paper's shape) was the largest transient of a write.
+def _rows(arr: np.ndarray, dtype):
+    """Each layer's values, flat, reinterpreted as `dtype` (a copy only where a layer is strided)."""
+    for layer in arr:
+        yield np.ascontiguousarray(layer).reshape(-1).view(dtype)
 
 
 def _all_finite(arr: np.ndarray) -> bool:
-    if arr.dtype == np.float16:  # finite iff the exponent bits are not all ones
-        bits = _rows(arr, np.uint16)
-        tmp = np.empty(bits.shape[1], np.uint16)
-        return all(np.bitwise_and(row, 0x7FFF, out=tmp).max(initial=0) < 0x7C00 for row in bits)
+    if arr.dtype in (np.float16, np.uint16):  # finite iff the exponent bits are not all ones
+        mask, inf = (0x7FFF, 0x7C00) if arr.dtype == np.float16 else (0x7FFF, 0x7F80)  # float16 / bfloat16
+        tmp = np.empty(arr[0].size if len(arr) else 0, np.uint16)
+        return all(np.bitwise_and(row, mask, out=tmp).max(initial=0) < inf for row in _rows(arr, np.uint16))
     return all(np.isfinite(row).all() for row in arr)
 
 
 def _low_halves_zero(arr: np.ndarray) -> bool:
     """Whether every float32 value is a bfloat16 (its low 16 bits are zero; little endian)."""
-    halves = _rows(arr.astype("<f4", copy=False), np.uint16)
-    return not any(row[0::2].any() for row in halves)
+    return not any(row[0::2].any() for row in _rows(arr.astype("<f4", copy=False), np.uint16))

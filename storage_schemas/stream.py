@@ -15,6 +15,8 @@ from collections.abc import Callable
 import numpy as np
 import zarr
 
+from .records import is_bfloat16_bits, widen_bfloat16
+
 WriteFn = Callable[[zarr.Array, int, int, np.ndarray], None]  # (array, axis, start, values)
 
 
@@ -53,12 +55,16 @@ class TokenStream:
         return 0 if self._buffer is None else self.count * self._buffer[:, :1].nbytes
 
     def push(self, values: np.ndarray) -> None:
-        """Append (layers, n, channels) values; write each shard that fills, once."""
+        """Append (layers, n, channels) values (bfloat16 bits are widened to float32 here, on the
+        copy into the buffer); write each shard that fills, once."""
         offset, n = 0, values.shape[1]
         while offset < n:
             take = min(self.boundary - self.end, n - offset)
             buf = self._buffer_for(values)
-            buf[:, self.count:self.count + take] = values[:, offset:offset + take]
+            if is_bfloat16_bits(values) and buf.dtype == np.float32:
+                widen_bfloat16(values[:, offset:offset + take], out=buf[:, self.count:self.count + take])
+            else:
+                buf[:, self.count:self.count + take] = values[:, offset:offset + take]
             self.count += take
             offset += take
             if self.end == self.boundary:
@@ -76,5 +82,5 @@ class TokenStream:
         # One shard of tokens for every layer. np.empty maps pages lazily, so a small archive
         # (whose shard is far longer than its data) only ever touches what it uses.
         if self._buffer is None:
-            self._buffer = np.empty((values.shape[0], self.shard_tokens, values.shape[2]), dtype=values.dtype)
+            self._buffer = np.empty((values.shape[0], self.shard_tokens, values.shape[2]), dtype=self.array.dtype)
         return self._buffer

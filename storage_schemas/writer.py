@@ -32,6 +32,11 @@ from .stream import TokenStream
 from .tables import Pending, write_tables
 
 DEFAULT_COMMIT_SAMPLES = 4096  # accepted but uncommitted samples before `append` commits by itself
+# Shards zarr encodes and writes at once. Each one in flight holds about two copies of a shard
+# (the checksummed chunk and the assembled shard: 16 MiB at 4096 channels); zarr's default of 10
+# added 160 MiB to the writer's peak memory at the paper's shape, 4 adds 64 MiB. The disk, not the
+# encoding, sets the write speed (bench/writer_bench.py).
+WRITE_CONCURRENCY = 4
 
 
 class ArchiveWriter:
@@ -236,7 +241,8 @@ class ArchiveWriter:
     def _guarded(self, action):
         """Run a write; on failure roll back to the last commit and say what the archive still holds."""
         try:
-            with zarr.config.set({"array.write_empty_chunks": True}):  # see store.missing_chunk_files
+            with zarr.config.set({"array.write_empty_chunks": True,  # see store.missing_chunk_files
+                                  "async.concurrency": WRITE_CONCURRENCY}):
                 return action()
         except BaseException as exc:
             before, dropped = self.committed, len(self._pending)

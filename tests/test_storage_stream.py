@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from fault_stores import wrapping
 
-from storage_schemas import ArchiveWriter, open_archive, validate_archive
-from storage_schemas.records import _all_finite, _low_halves_zero
+from storage_schemas import ArchiveError, ArchiveWriter, SampleRecord, open_archive, validate_archive
+from storage_schemas.records import _all_finite, _low_halves_zero, widen_bfloat16
 from storage_schemas.synth import synthetic_records
 
 SPEC = dict(layers=2, hidden=16, vision_tokens=6, text_tokens=10, seed=11)  # 6 vision, ~10 text tokens
@@ -106,3 +106,67 @@ def test_value_checks_equal_numpy(tmp_path):
         bf = (values.view(np.uint32) & 0xFFFF0000).view(np.float32)
         assert _low_halves_zero(bf)
         assert _low_halves_zero(values) == (not np.any(values.view(np.uint32) & 0xFFFF))
+        bits = (bf.view(np.uint32) >> 16).astype(np.uint16)  # the same values as bfloat16 bits
+        assert np.array_equal(widen_bfloat16(bits).view(np.uint32), bf.view(np.uint32))
+        assert _all_finite(bits) == bool(np.isfinite(bf).all())
+        if shape[1] > 2:  # a sample is a token slice of its batch: strided as a whole
+            for arr in (half, values, bits):
+                assert _all_finite(arr[:, 1:-1]) == _all_finite(np.ascontiguousarray(arr[:, 1:-1]))
+            assert _low_halves_zero(values[:, 1:-1]) == (not np.any(values[:, 1:-1].view(np.uint32) & 0xFFFF))
+
+
+def _bfloat16_batches(rng, n_batches=6, layers=3, hidden=16):
+    """Batches as extraction hands them over: bfloat16 bits of (layers, tokens, hidden), 2 samples each."""
+    for b in range(n_batches):
+        counts = [(int(rng.integers(2, 9)), int(rng.integers(1, 13))) for _ in range(2)]
+        values = rng.standard_normal((layers, sum(nv + nt for nv, nt in counts), hidden)).astype(np.float32)
+        yield counts, (values.view(np.uint32) >> 16).astype(np.uint16)
+
+
+def _records_of(b, counts, batch, widen):
+    out, o = [], 0
+    for k, (nv, nt) in enumerate(counts):
+        vis, txt = batch[:, o:o + nv], batch[:, o + nv:o + nv + nt]
+        o += nv + nt
+        if widen:
+            vis, txt = widen_bfloat16(vis), widen_bfloat16(txt)
+        out.append(SampleRecord(f"s{b}-{k}", "i", "t", vis, np.arange(1, 1 + nv), txt, np.r_[0, np.arange(
+            1 + nv, nv + nt)], np.zeros(nt, np.int64), np.full(nt, 3, np.int8), np.arange(nv + nt)))
+    return out
+
+
+def test_bfloat16_bits_store_the_same_archive_as_float32(tmp_path):
+    """Records holding bfloat16 bits (no float32 copy of the batch) give byte-identical hidden
+    states to the same records widened to float32 first, across shard boundaries and flushes."""
+    batches = list(_bfloat16_batches(np.random.default_rng(3)))
+    archives = {}
+    for widen in (False, True):
+        path = tmp_path / f"widen-{widen}.zarr"
+        with ArchiveWriter.create(path, layers=[0, 1, 2], hidden_size=16, dtype="bfloat16", attrs={},
+                                  chunk_tokens=8, chunks_per_shard=2) as writer:
+            for b, (counts, batch) in enumerate(batches):
+                writer.append(_records_of(b, counts, batch, widen))
+                writer.flush() if b == 2 else writer.commit()
+        assert validate_archive(path).ok
+        archives[widen] = open_archive(path)
+    for modality in ("vision", "text"):
+        bits, widened = (getattr(archives[w], modality).hidden.values for w in (False, True))
+        assert bits.dtype == np.float32 and bits.tobytes() == widened.tobytes()
+    expected = np.concatenate([batch[:, :counts[0][0]] for counts, batch in batches], axis=1)
+    first_vision = archives[False].vision.hidden.values[:, :batches[0][0][0][0]]
+    assert np.array_equal(first_vision.view(np.uint32) >> 16, expected[:, :batches[0][0][0][0]])
+
+
+def test_bfloat16_bits_are_checked_and_only_for_bfloat16_archives(tmp_path):
+    (counts, batch), = _bfloat16_batches(np.random.default_rng(4), n_batches=1)
+    bad = batch.copy()
+    bad[1, counts[0][0] + 1, 5] = 0x7FC0  # a bfloat16 NaN in the first sample's text
+    with ArchiveWriter.create(tmp_path / "b.zarr", layers=[0, 1, 2], hidden_size=16, dtype="bfloat16",
+                              attrs={}) as writer:
+        with pytest.raises(ArchiveError, match=r"sample 's0-0': text_hidden holds 1 NaN/Inf"):
+            writer.append(_records_of(0, counts, bad, widen=False))
+        assert writer.pending_samples == 0
+    with ArchiveWriter.create(tmp_path / "h.zarr", layers=[0, 1, 2], hidden_size=16, dtype="float16",
+                              attrs={}) as writer:
+        with pytest.raises(ArchiveError, match="is uint16, the archive stores float16"):
+            writer.append(_records_of(0, counts, batch, widen=False))
