@@ -27,6 +27,9 @@ from .store import check_codecs, is_writable_local, missing_chunk_files, open_st
 SampleSpec = None | slice | Sequence[int] | np.ndarray | Sequence[str] | Callable[[xr.Dataset], np.ndarray]
 
 
+# What `mir synth` recorded before the rule was a declared default: every role stored, no rule chosen.
+LEGACY_SYNTH_RULE = "roles"
+
 class StoredArraySource:
     """Array-like over one stored array, cut to the committed length; picklable for Dask workers."""
 
@@ -315,7 +318,7 @@ class Archive:
         """The default text-token rule recorded at extraction (`extraction.text_token_rule`), else the
         reference rule."""
         recorded = self.attrs.get("extraction", {}).get("text_token_rule")
-        if recorded is None:
+        if recorded is None or recorded == LEGACY_SYNTH_RULE:
             return DEFAULT_TEXT_TOKEN_RULE
         try:
             return TextTokenRule.parse(recorded)

@@ -78,7 +78,13 @@ def test_compare_uses_the_recorded_rule_and_refuses_a_mix(tmp_path):
 
 
 def test_an_unknown_recorded_rule_is_a_clear_error(tmp_path):
-    path = _with_rule(tmp_path / "x.zarr", "roles", 0)
+    path = _with_rule(tmp_path / "x.zarr", "sometimes", 0)
     code, output = _mir("analyze", path, "--no-cache")
-    assert code == 1 and "extraction.text_token_rule is 'roles'" in output and "--text-tokens" in output
+    assert code == 1 and "extraction.text_token_rule is 'sometimes'" in output and "--text-tokens" in output
     assert _json("analyze", path, "--text-tokens", "all")["settings"]["text_tokens"] == "all"
+
+
+def test_archives_of_the_older_synth_read_with_the_reference_rule(tmp_path):
+    """`mir synth` used to record 'roles' (all roles stored, no rule chosen): those archives still analyse."""
+    path = _with_rule(tmp_path / "x.zarr", "roles", 0)
+    assert _json("analyze", path, "--no-cache")["settings"]["text_tokens"] == "after_image"
