@@ -53,22 +53,22 @@ class AnalysisOptions:
 
 
 def _memory_plan(selection, workers: int, memory_limit: int | None) -> tuple[int, int]:
-    """(bytes left for d x d statistics after the workers' blocks, bytes of one layer's statistics per block)."""
+    """(bytes left for d x d statistics after the workers' chunks in flight, bytes of one layer's statistics)."""
     d = int(selection.archive.hidden_size)
     if memory_limit is None:
         memory_limit = _physical_memory() // 2
     chunk = max(selection.vision.data.chunksize[1], selection.text.data.chunksize[1]) * d * \
         selection.vision.dtype.itemsize
-    working = workers * chunk * 4 + BASE_MEMORY  # a block, its float32/64 pieces, results in flight
+    working = workers * chunk * 4 + BASE_MEMORY  # a chunk, its float32/64 pieces, results in flight
     return memory_limit - working, 2 * 3 * d * d * 8  # both modalities, ~3 copies while merging
 
 
-def layer_batches(selection, layers: list[int], blocks: int, workers: int, memory_limit: int | None) -> list[list[int]]:
+def layer_batches(selection, layers: list[int], workers: int, memory_limit: int | None) -> list[list[int]]:
     """Split layers into batches whose d x d statistics and per-token norms (float64) and outlier flags fit the
-    memory budget next to the workers' blocks."""
-    room, per_block = _memory_plan(selection, workers, memory_limit)
+    memory budget next to the workers' chunks in flight."""
+    room, per_layer_stats = _memory_plan(selection, workers, memory_limit)
     tokens = int(selection.vision.sizes["token"]) + int(selection.text.sizes["token"])
-    per_layer = per_block * max(blocks, 1) + 9 * tokens
+    per_layer = per_layer_stats + 9 * tokens
     if room < per_layer:
         log.warning("memory budget is below the estimated need for one layer (%.2f GB more); going on",
                     (per_layer - room) / 1e9)
@@ -84,16 +84,18 @@ def _physical_memory() -> int:
         return 8 * 2**30
 
 
-def _cache_key(selection, layer: int, blocks: int, precision: str) -> dict:
+def _cache_key(selection, layer: int, precision: str) -> dict:
+    """The statistics are of the whole selection (one sample block: the bootstrap resamples samples
+    through the influence read); "blocks" stays in the key so entries written earlier keep their names."""
     sel = {k: v for k, v in selection.key.items() if k != "layers"}
-    return {"stats_version": STATS_VERSION, "selection": sel, "layer": int(layer), "blocks": int(blocks),
+    return {"stats_version": STATS_VERSION, "selection": sel, "layer": int(layer), "blocks": 1,
             "precision": precision}
 
 
 def _batch_influence(selection, batch: list[int], stats: dict, options: AnalysisOptions,
                      cache: StatsCache | None, runner: Runner) -> dict[int, LayerInfluence]:
     """Per-sample influence values of a batch of layers: cached, or one read of the missing layers."""
-    keys = {layer: {**_cache_key(selection, layer, 1, options.precision), "kind": "influence",
+    keys = {layer: {**_cache_key(selection, layer, options.precision), "kind": "influence",
                     "influence_version": INFLUENCE_VERSION} for layer in batch}
     found = {}
     if cache is not None:
@@ -111,10 +113,10 @@ def _batch_influence(selection, batch: list[int], stats: dict, options: Analysis
     return found
 
 
-def _batch_stats(selection, batch: list[int], blocks: int, options: AnalysisOptions, cache: StatsCache | None,
+def _batch_stats(selection, batch: list[int], options: AnalysisOptions, cache: StatsCache | None,
                  runner: Runner, hits: list[int]) -> dict:
     """Sufficient statistics of a batch of layers: from the cache where present, else computed and cached."""
-    keys = {layer: _cache_key(selection, layer, blocks, options.precision) for layer in batch}
+    keys = {layer: _cache_key(selection, layer, options.precision) for layer in batch}
     stats = {}
     if cache is not None:
         for layer in batch:
@@ -124,7 +126,7 @@ def _batch_stats(selection, batch: list[int], blocks: int, options: AnalysisOpti
                 hits.append(layer)
     missing = [layer for layer in batch if layer not in stats]
     if missing:
-        for layer, st in compute_stats(selection, missing, blocks=blocks, precision=options.precision,
+        for layer, st in compute_stats(selection, missing, precision=options.precision,
                                         runner=runner, config=options.reads).items():
             if cache is not None:
                 cache.store(keys[layer], st)
@@ -161,11 +163,10 @@ def analyze_selection(selection, options: AnalysisOptions | None = None, *, runn
         raise AnalysisError("the selection holds no samples")
     if options.bootstrap and n_samples < 2:
         raise AnalysisError("--bootstrap needs at least 2 samples in the selection (samples are resampled)")
-    blocks = 1
     cache = StatsCache.for_archive(selection.archive, options.cache_dir) if options.cache else None
     summaries, influence, hits = {}, {}, []
-    for batch in layer_batches(selection, layers, blocks, runner.workers, options.memory_limit):
-        stats = _batch_stats(selection, batch, blocks, options, cache, runner, hits)
+    for batch in layer_batches(selection, layers, runner.workers, options.memory_limit):
+        stats = _batch_stats(selection, batch, options, cache, runner, hits)
         found = runner.map(lambda st: layer_summary(st, options.mode), [stats[layer] for layer in batch])
         summaries.update(zip(batch, found))
         if options.bootstrap:

@@ -188,6 +188,6 @@ def log_comparison(specs: Sequence[str], comparison: Any, archives: Sequence[str
     params = {"archives": dict(zip(comparison.labels, map(str, archives))), "labels": comparison.labels,
               "shared_samples": comparison.shared_samples, "layers": comparison.layers,
               "paired_bootstrap": comparison.paired, "mode": first.mode,
-              "analysis": {k: first.settings.get(k) for k in ("bootstrap", "seed", "blocks", "precision",
+              "analysis": {k: first.settings.get(k) for k in ("bootstrap", "seed", "precision",
                                                                "text_tokens")}}
     _log(specs, "compare-" + "-vs-".join(comparison.labels), params, steps)
