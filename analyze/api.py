@@ -1,6 +1,7 @@
 """`analyze_selection`: MIR and the related statistics of a Selection, with cache and bootstrap.
 
-Layers are processed in batches sized to the memory budget: for each batch the sufficient
+Layers are processed in batches sized to the memory budget (memory.py: refused before any read when
+even one layer does not fit): for each batch the sufficient
 statistics are read from the cache or computed (engine), written to the cache, turned into numbers
 and, for the bootstrap, into per-sample influence values (one more read of the batch's layers unless
 cached; influence.py); then dropped. So memory holds one batch's d x d statistics, however many layers
@@ -24,14 +25,15 @@ from .engine import STATS_VERSION, compute_stats
 from .errors import AnalysisError
 from .frechet import SQRT_MODES
 from .gradient import layer_gradient
+from . import memory
 from .influence import INFLUENCE_VERSION, LayerInfluence, compute_influence
+from .memory import MemoryPlan, Shape
 from .results import layer_summary
 from .runner import Runner
 from .select import parse_layers, resolve_samples
 
 log = logging.getLogger(__name__)
 MIN_STABLE_SAMPLES = 20  # the MIR paper (Table 6) reports MIR stable from N >= 20
-BASE_MEMORY = 400 * 2**20  # interpreter, libraries, Dask bookkeeping
 
 
 @dataclass
@@ -52,27 +54,28 @@ class AnalysisOptions:
             raise AnalysisError("--bootstrap must be 0 or positive")
 
 
-def _memory_plan(selection, workers: int, memory_limit: int | None) -> tuple[int, int]:
-    """(bytes left for d x d statistics after the workers' chunks in flight, bytes of one layer's statistics)."""
-    d = int(selection.archive.hidden_size)
-    if memory_limit is None:
-        memory_limit = _physical_memory() // 2
-    chunk = max(selection.vision.data.chunksize[1], selection.text.data.chunksize[1]) * d * \
-        selection.vision.dtype.itemsize
-    working = workers * chunk * 4 + BASE_MEMORY  # a chunk, its float32/64 pieces, results in flight
-    return memory_limit - working, 2 * 3 * d * d * 8  # both modalities, ~3 copies while merging
+def memory_plan(selection, n_layers: int, runner: Runner, options: AnalysisOptions, groups: int = 1) -> MemoryPlan:
+    """The batches and lanes for this selection within the budget (memory.py), or AnalysisError before
+    any read. The budget: --memory-limit, else half the machine's memory; on a dask.distributed cluster,
+    also at most the smallest worker memory limit (each worker then runs as many lanes as it has threads)."""
+    budget = options.memory_limit if options.memory_limit is not None else _physical_memory() // 2
+    workers = runner.workers
+    if runner.distributed:
+        limit, threads = runner.worker_memory()
+        budget = budget if limit is None else min(budget, limit)
+        workers = max(workers, threads)
+    return memory.plan(selection_shape(selection), n_layers, workers, int(budget), groups=groups,
+                       bootstrap=bool(options.bootstrap), config=options.reads)
 
 
-def layer_batches(selection, layers: list[int], workers: int, memory_limit: int | None) -> list[list[int]]:
-    """Split layers into batches whose d x d statistics and per-token norms (float64) and outlier flags fit the
-    memory budget next to the workers' chunks in flight."""
-    room, per_layer_stats = _memory_plan(selection, workers, memory_limit)
+def selection_shape(selection) -> Shape:
+    """What the memory estimate needs to know about a selection (hidden size, chunk rows, dtype, tokens)."""
+    rows = max(max(view.data.chunks[1]) for view in (selection.vision, selection.text))
     tokens = int(selection.vision.sizes["token"]) + int(selection.text.sizes["token"])
-    per_layer = per_layer_stats + 9 * tokens
-    if room < per_layer:
-        log.warning("memory budget is below the estimated need for one layer (%.2f GB more); going on",
-                    (per_layer - room) / 1e9)
-    size = max(1, int(room // per_layer))
+    return Shape(int(selection.archive.hidden_size), int(rows), int(selection.vision.dtype.itemsize), tokens)
+
+
+def layer_batches(layers: list[int], size: int) -> list[list[int]]:
     return [layers[i:i + size] for i in range(0, len(layers), size)]
 
 
@@ -114,7 +117,7 @@ def _batch_influence(selection, batch: list[int], stats: dict, options: Analysis
 
 
 def _batch_stats(selection, batch: list[int], options: AnalysisOptions, cache: StatsCache | None,
-                 runner: Runner, hits: list[int]) -> dict:
+                 runner: Runner, hits: list[int], lanes: int = 1, reads: ReadConfig | None = None) -> dict:
     """Sufficient statistics of a batch of layers: from the cache where present, else computed and cached."""
     keys = {layer: _cache_key(selection, layer, options.precision) for layer in batch}
     stats = {}
@@ -127,7 +130,7 @@ def _batch_stats(selection, batch: list[int], options: AnalysisOptions, cache: S
     missing = [layer for layer in batch if layer not in stats]
     if missing:
         for layer, st in compute_stats(selection, missing, precision=options.precision,
-                                        runner=runner, config=options.reads).items():
+                                        runner=runner, config=reads or options.reads, lanes=lanes).items():
             if cache is not None:
                 cache.store(keys[layer], st)
             stats[layer] = st
@@ -164,9 +167,11 @@ def analyze_selection(selection, options: AnalysisOptions | None = None, *, runn
     if options.bootstrap and n_samples < 2:
         raise AnalysisError("--bootstrap needs at least 2 samples in the selection (samples are resampled)")
     cache = StatsCache.for_archive(selection.archive, options.cache_dir) if options.cache else None
+    plan = memory_plan(selection, len(layers), runner, options)
+    log.info("memory plan: %s", plan.describe())
     summaries, influence, hits = {}, {}, []
-    for batch in layer_batches(selection, layers, runner.workers, options.memory_limit):
-        stats = _batch_stats(selection, batch, options, cache, runner, hits)
+    for batch in layer_batches(layers, plan.layers_per_batch):
+        stats = _batch_stats(selection, batch, options, cache, runner, hits, plan.lanes, plan.config)
         found = runner.map(lambda st: layer_summary(st, options.mode), [stats[layer] for layer in batch])
         summaries.update(zip(batch, found))
         if options.bootstrap:
@@ -176,7 +181,7 @@ def analyze_selection(selection, options: AnalysisOptions | None = None, *, runn
     mir = math.log10(total) if total > 0 else math.nan
     settings = {**asdict(options), "layers": layers, "text_tokens": selection.text_tokens,
                 "archive": selection.archive.paths, "archive_fingerprint": selection.archive.fingerprint,
-                "selection": selection.key, "scheduler": runner.describe()}
+                "selection": selection.key, "scheduler": runner.describe(), "memory_plan": plan.describe()}
     summary, per_sample = None, None
     if options.bootstrap:
         per_sample = np.stack([influence[layer].d for layer in layers])

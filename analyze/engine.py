@@ -1,12 +1,17 @@
 """Turning a Selection into per-layer sufficient statistics: the reads (reads.py) run as one loop.
 
 Every unit (one modality of one layer) says which read it needs next; each round builds one Dask
-graph with, per unit, its read mapped over its chunks, tree-combined and finished on a worker, and
-applies the outcomes on the client. Most units need one read (the scan): its guesses hold and the
+graph with, per unit, its read folded over its chunks in a few lanes (one task each: chunks read
+in order, each folded into the lane's one accumulator), the lanes tree-combined and finished on a
+worker, and applies the outcomes on the client. Most units need one read (the scan): its guesses hold and the
 unit is complete. Where a guess missed (an outlier among the rows taken as sure, too many raw rows,
 a median outside its window), a second read computes exactly what is missing; true float32 archives
-need one or two more median-only reads. Memory: a few chunks per worker thread plus the d x d
-statistics of the layers in the batch.
+need one or two more median-only reads.
+
+Why lanes: with one task per chunk Dask may run (and read) many chunks before combining, each holding
+a d x d scatter (128 MiB at d = 4096), so memory grew with the chunk count. A lane reads its chunk only
+when it reaches it and holds one accumulator, so memory is lanes x (accumulator + one chunk in
+flight) whatever the number of chunks (memory.py); the lanes chosen change results only by rounding.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from storage_schemas.schema import MODALITIES
 from .config import DEFAULT, ReadConfig
 from .errors import AnalysisError
 from .kernels import Chunk
-from .reads import Progress
+from .reads import Progress, absorb
 from .runner import Runner
 from .scan import UnitFacts, runs
 from .stats import LayerStats
@@ -80,6 +85,43 @@ def make_units(selection, layers: list[int], blocks: int) -> list[Unit]:
     return units
 
 
+class LazyChunk:
+    """A storage chunk that its lane reads when it reaches it: hidden from Dask (a plain object, not a
+    collection), so the graph has no read tasks that the scheduler could run ahead of the folds."""
+
+    def __init__(self, chunk):  # a dask Delayed: one chunk of the unit's array
+        self.chunk = chunk
+
+    def load(self) -> np.ndarray:
+        return np.asarray(self.chunk.compute(scheduler="sync"))
+
+    def __dask_tokenize__(self):
+        return ("mir-lazy-chunk", self.chunk.key)
+
+
+def fold_lane(read, items: list[tuple[LazyChunk, Chunk]]):
+    """One lane: its chunks read in order, each mapped and folded into one accumulator."""
+    accumulator = None
+    for lazy, chunk in items:
+        partial = read.map(lazy.load(), chunk)
+        accumulator = partial if accumulator is None else absorb(accumulator, partial)
+    return accumulator
+
+
+def lanes_of(items: list, lanes: int) -> list[list]:
+    """Consecutive runs of a unit's chunks, one per lane (rows stay in order within and across lanes)."""
+    lanes = max(1, min(int(lanes), len(items)))
+    bounds = np.linspace(0, len(items), lanes + 1).round().astype(int)
+    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def unit_graph(unit: Unit, read, lanes: int):
+    """The delayed outcome of `read` on one unit: lanes folded, tree-combined, finished."""
+    parts = [dask.delayed(fold_lane, pure=True)(read, [(LazyChunk(x), c) for x, c in run])
+             for run in lanes_of(unit.chunks(), lanes)]
+    return dask.delayed(read.finish, pure=True)(tree_combine(parts), unit.facts)
+
+
 def tree_combine(items: list):
     """Pairwise combination of partials in the graph (depth log2 of the chunk count)."""
     while len(items) > 1:
@@ -93,9 +135,10 @@ def _combine(a, b):
 
 
 def compute_stats(selection, layers: list[int], *, blocks: int = 1, precision: str = "float32",
-                  runner: Runner | None = None, config: ReadConfig = DEFAULT) -> dict[int, LayerStats]:
+                  runner: Runner | None = None, config: ReadConfig = DEFAULT, lanes: int = 1) -> dict[int, LayerStats]:
     """Sufficient statistics of the given layers of a selection, reading the data once when the
-    scan's guesses hold, twice when they miss, and up to 4 times for true float32 archives."""
+    scan's guesses hold, twice when they miss, and up to 4 times for true float32 archives.
+    `lanes`: accumulators per unit (memory.plan chooses them; results differ only by rounding)."""
     if precision not in ("float32", "float64"):
         raise AnalysisError(f"unknown Gram precision {precision!r}; choose float32 or float64")
     runner = runner or Runner()
@@ -106,9 +149,7 @@ def compute_stats(selection, layers: list[int], *, blocks: int = 1, precision: s
         if not pending:
             break
         round_ += 1
-        graph = [dask.delayed(read.finish, pure=True)(
-            tree_combine([dask.delayed(read.map, pure=True)(x, chunk) for x, chunk in u.chunks()]), u.facts)
-            for u, read in pending]
+        graph = [unit_graph(u, read, lanes) for u, read in pending]
         labels = sorted({read.label for _, read in pending})
         if round_ > 1:
             log.info("read %d for %d of %d layer/modality pairs (%s)", round_, len(pending), len(units),

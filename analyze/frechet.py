@@ -31,8 +31,39 @@ class TraceResult:
     negative_mass: float = 0.0  # |sum of clipped negative eigenvalues|, same units as the trace
 
 
+BAND = 512  # rows of a d x d matrix handled at once by the in-place helpers below
+
+
 def _sym(a: np.ndarray) -> np.ndarray:
     return (a + a.T) * 0.5
+
+
+def symmetrize(a: np.ndarray) -> np.ndarray:
+    """a <- (a + a^T) / 2 in place, block pair by block pair: the values of `_sym(a)` without its two
+    d x d temporaries (memory.py counts the finish's d x d copies)."""
+    d = a.shape[0]
+    for i in range(0, d, BAND):
+        for j in range(i, d, BAND):
+            upper, lower = a[i:i + BAND, j:j + BAND], a[j:j + BAND, i:i + BAND]
+            both = (upper + lower.T) * 0.5
+            upper[...] = both
+            lower[...] = both.T
+    return a
+
+
+def _lower_in_place(c: np.ndarray) -> np.ndarray:
+    """np.tril(c), in place (c is Fortran-ordered, as LAPACK returns it)."""
+    d = c.shape[0]
+    for j in range(0, d, BAND):
+        c[:j, j:j + BAND] = 0.0
+        c[j:j + BAND, j:j + BAND] = np.tril(c[j:j + BAND, j:j + BAND])
+    return c
+
+
+def _one_norm(a: np.ndarray) -> float:
+    """max_j sum_i |a_ij|, a band of columns at a time (np.abs(a) would be a d x d temporary)."""
+    return max((float(np.abs(a[:, j:j + BAND]).sum(axis=0).max()) for j in range(0, a.shape[1], BAND)),
+               default=0.0)
 
 
 def _clipped_sqrt_sum(eigenvalues: np.ndarray) -> tuple[float, float]:
@@ -51,17 +82,20 @@ class PsdFactor:
 
     @classmethod
     def of(cls, a: np.ndarray) -> "PsdFactor":
-        a = _sym(np.asarray(a, np.float64))
+        """Two d x d arrays at most beside `a` (its symmetrised copy, factored in place, and Y)."""
+        a = symmetrize(np.array(a, np.float64))
         d = a.shape[0]
-        c, piv, rank, info = lapack.dpstrf(a, lower=1)
+        norm = _one_norm(a) if d else 0.0
+        c, piv, rank, info = lapack.dpstrf(a.T, lower=1, overwrite_a=1)  # a is symmetric: a.T is a, Fortran-ordered
+        del a
         if info < 0:
             raise ValueError(f"dpstrf argument {-info} is invalid")
-        low = np.tril(c)
+        low = _lower_in_place(c)
         y = np.empty((d, rank))
         y[piv - 1] = low[:, :rank]  # P^T A P = L L^T, so A = (P L)(P L)^T
         rcond = 0.0
         if rank == d:
-            rcond = float(lapack.dpocon(low, float(np.abs(a).sum(axis=0).max()), uplo="L")[0])
+            rcond = float(lapack.dpocon(low, norm, uplo="L")[0])
         return cls(y, int(rank), rcond)
 
 
@@ -87,8 +121,12 @@ def trace_sqrt_exact(a: np.ndarray, b: np.ndarray, a_rows: np.ndarray | None = N
     if w.size == 0:
         return TraceResult(0.0, f"{route}-0", 0.0)
     form = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
-    value, negative = _clipped_sqrt_sum(sl.eigh(_sym(form), eigvals_only=True, driver="evd", check_finite=False))
-    return TraceResult(value, f"{route}-{min(w.shape)}", negative)
+    size = min(w.shape)
+    del w
+    form = symmetrize(form).T  # symmetric: its transpose is the same matrix, Fortran-ordered for LAPACK
+    value, negative = _clipped_sqrt_sum(sl.eigh(form, eigvals_only=True, driver="evd", check_finite=False,
+                                                overwrite_a=True))
+    return TraceResult(value, f"{route}-{size}", negative)
 
 
 def reference_fast_sqrt(a32: np.ndarray) -> np.ndarray:

@@ -13,6 +13,15 @@ import numpy as np
 MAX_GRAM_BYTES = 64 * 2**20  # float32 rows converted at once for one Gram product
 FLOAT32_SAFE_NORM = 1e15  # float32 products would overflow beyond ~1e19 per value: float64 above
 SHIFT_ROWS = 256  # rows whose mean centres a block: any value near the mean keeps float32 products accurate
+OUTER_ROWS = 256  # rows of a rank-one update done at once: no d x d temporary (memory.py counts none)
+
+
+def add_outer(m2: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """m2 += outer(x, y) in place, a band of rows at a time: the same values as `m2 + np.outer(x, y)`
+    without its d x d temporary (at d = 8192 that is 512 MiB)."""
+    for start in range(0, len(x), OUTER_ROWS):
+        m2[start:start + OUTER_ROWS] += np.outer(x[start:start + OUTER_ROWS], y)
+    return m2
 
 
 @dataclass
@@ -35,16 +44,43 @@ class Moments:
         n = self.n + other.n
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.n / n)
-        m2 = self.m2 + other.m2
-        m2 += np.outer(delta, delta * (self.n * other.n / n))
+        m2 = add_outer(self.m2 + other.m2, delta, delta * (self.n * other.n / n))
         return Moments(n, mean, m2)
+
+    def absorb(self, other: "Moments") -> "Moments":
+        """The merge, computed into self's arrays (a lane's own accumulator: engine.py): no new d x d."""
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * (other.n / n)
+        self.m2 += other.m2
+        add_outer(self.m2, delta, delta * (self.n * other.n / n))
+        self.n = n
+        return self
 
     def with_copies(self, value: np.ndarray, count: int) -> "Moments":
         """These moments plus `count` rows equal to `value` (outlier rows replaced by the median)."""
-        return self.merge(Moments(int(count), np.asarray(value, np.float64), np.zeros_like(self.m2)))
+        count = int(count)
+        if count == 0:
+            return self
+        value = np.asarray(value, np.float64)
+        if self.n == 0:
+            return Moments(count, value.copy(), np.zeros_like(self.m2))
+        n = self.n + count
+        delta = value - self.mean
+        return Moments(n, self.mean + delta * (count / n), add_outer(self.m2.copy(), delta,
+                                                                     delta * (self.n * count / n)))
 
-    def covariance(self) -> np.ndarray:
-        return self.m2 / (self.n - 1)
+    def covariance(self, scale: float = 1.0) -> np.ndarray:
+        """M2 / (n - 1), times `scale` twice (the text-centric a: a^2 C), in one new array."""
+        out = np.divide(self.m2, self.n - 1)
+        if scale != 1.0:
+            out *= scale
+            out *= scale
+        return out
 
 
 def merge_all(items: list[Moments], d: int) -> Moments:
@@ -100,8 +136,7 @@ def block_moments(x: np.ndarray, keep: np.ndarray, precision: str = "float32", c
         total += ones[:len(y)] @ y  # sums of centred values: small, so BLAS precision suffices
         gram += y.T @ y
     mean = shift.astype(np.float64) + total / n
-    m2 = gram - np.outer(total, total / n)
-    return Moments(n, mean, m2)
+    return Moments(n, mean, add_outer(gram, total, -(total / n)))
 
 
 @dataclass(frozen=True)
@@ -121,6 +156,12 @@ class BlockMoments:
         for k, m in other.by_block.items():
             out[k] = out[k].merge(m) if k in out else m
         return BlockMoments(out)
+
+    def absorb(self, other: "BlockMoments") -> "BlockMoments":
+        """The combination, into self's own moments (a lane's accumulator)."""
+        for k, m in other.by_block.items():
+            self.by_block[k] = self.by_block[k].absorb(m) if k in self.by_block else m
+        return self
 
     def of_block(self, k: int, d: int) -> Moments:
         return self.by_block.get(k, Moments.empty(d))

@@ -100,9 +100,19 @@ class Together:
     def combine(self, other: "Together") -> "Together":
         return Together(tuple(a.combine(b) for a, b in zip(self.parts, other.parts)))
 
+    def absorb(self, other: "Together") -> "Together":
+        return Together(tuple(absorb(a, b) for a, b in zip(self.parts, other.parts)))
+
     def apply(self, progress) -> None:
         for outcome in self.parts:
             outcome.apply(progress)
+
+
+def absorb(accumulator, partial):
+    """accumulator.combine(partial), in place where the partial type allows it (its d x d moments):
+    only for an accumulator nothing else holds, a lane's (engine.py)."""
+    fold = getattr(accumulator, "absorb", None)
+    return fold(partial) if fold is not None else accumulator.combine(partial)
 
 
 @dataclass(frozen=True)

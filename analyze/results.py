@@ -10,7 +10,8 @@ import scipy.linalg as sl
 from scipy.sparse.linalg import eigsh
 from storage_schemas.schema import MODALITIES
 
-from .frechet import PsdFactor, frechet_distance
+from .frechet import PsdFactor, frechet_distance, symmetrize
+from .moments import Moments
 from .stats import LayerStats, ModalityStats
 
 LEADING = 5
@@ -23,11 +24,17 @@ def _scaled_rows(s: ModalityStats, mean: np.ndarray, a: float) -> np.ndarray | N
     return (s.rows - mean) * (a / math.sqrt(len(s.rows) - 1))
 
 
+def _moments_and_covariance(s: ModalityStats, weights: np.ndarray | None, a: float) -> tuple[Moments, np.ndarray]:
+    """The replaced moments (count and mean only: their d x d scatter is dropped as soon as the normalised
+    covariance a^2 C is made from it, so the finish holds one d x d per modality; memory.py)."""
+    m = s.replaced(weights)
+    return Moments(m.n, m.mean, None), m.covariance(a)
+
+
 def layer_fd(stats: LayerStats, mode: str, weights: np.ndarray | None = None, with_factors: bool = False):
     """FD of one layer on text-normalised data (FD = a^2 x FD of the raw data)."""
     a = stats.scale(weights)
-    mv, mt = stats.vision.replaced(weights), stats.text.replaced(weights)
-    cv, ct = mv.covariance() * a * a, mt.covariance() * a * a
+    (mv, cv), (mt, ct) = (_moments_and_covariance(s, weights, a) for s in (stats.vision, stats.text))
     rows = (None, None) if weights is not None else (_scaled_rows(stats.vision, mv.mean, a),
                                                      _scaled_rows(stats.text, mt.mean, a))
     factors = (PsdFactor.of(cv), PsdFactor.of(ct)) if with_factors else None
@@ -38,10 +45,10 @@ def layer_fd(stats: LayerStats, mode: str, weights: np.ndarray | None = None, wi
 def _spectrum_stats(cov: np.ndarray, factor: PsdFactor) -> dict:
     """Variance, participation ratio, leading eigenvalues (Lanczos), numerical rank and condition
     number (LAPACK estimate from the Cholesky factor), without a full eigendecomposition."""
-    cov = (cov + cov.T) * 0.5
+    cov = symmetrize(cov)  # the finish's own array, used here last
     d = cov.shape[0]
     total = float(np.trace(cov))
-    frob = float(np.sum(cov * cov))
+    frob = float(np.einsum("ij,ij->", cov, cov))
     k = min(LEADING, d)
     if d <= 4 * LEADING:
         top = sl.eigh(cov, eigvals_only=True, driver="evd")[::-1][:k]
@@ -60,6 +67,7 @@ def layer_summary(stats: LayerStats, mode: str) -> dict:
     """Every per-layer number of `mir analyze` / `mir stats` (covariance-derived ones in normalised units,
     norms in the archive's raw units)."""
     fd, (mv, mt), covs, a, factors = layer_fd(stats, mode, with_factors=True)
+    factors = [PsdFactor(np.empty((f.y.shape[0], 0)), f.rank, f.rcond) for f in factors]  # Y no longer needed
     out = {"layer": stats.layer, "fd": fd.fd, "fd_mean_term": fd.mean_term, "fd_covariance_term": fd.covariance_term,
            "trace_sqrt": fd.trace_sqrt, "scale": a, "route": fd.route, "negative_eigenvalue_mass": fd.negative_mass}
     cos = float(mv.mean @ mt.mean / (np.linalg.norm(mv.mean) * np.linalg.norm(mt.mean)))

@@ -16,6 +16,15 @@ from .errors import AnalysisError
 CONNECT_TIMEOUT = "10s"
 
 
+def blas_threads(limit: int):
+    """BLAS limited to `limit` threads (threadpoolctl); the BLAS default where it is not installed."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return nullcontext()
+    return threadpool_limits(limits=max(1, int(limit)), user_api="blas")
+
+
 def single_threaded_blas():
     """BLAS limited to one thread while our own threads run BLAS calls side by side.
 
@@ -23,11 +32,7 @@ def single_threaded_blas():
     other load) made a 256 x 256 eigh 100x slower and the passes 3x slower. Uses threadpoolctl (a
     declared dependency); should an install lack it, the BLAS default stays.
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    return blas_threads(1)
 
 
 class Runner:
@@ -75,14 +80,26 @@ class Runner:
             return dask.compute(graph, scheduler="threads", num_workers=self.workers)[0]
 
     def map(self, fn, items: list) -> list:
-        """fn over items on local threads (dense linear algebra per layer; LAPACK releases the GIL), with
-        single-threaded BLAS even for one item: on a loaded machine OpenBLAS's own threads made an
-        eigendecomposition of d = 2048 thirty times slower (measured: 11.8 s against 0.36 s)."""
-        with single_threaded_blas():
-            if self.workers == 1 or len(items) < 2:
+        """fn over items on local threads (dense linear algebra per layer; LAPACK releases the GIL). BLAS
+        gets the threads the items leave free (workers // items, 1 when there are at least as many items
+        as workers): never more threads than workers, since on a loaded machine OpenBLAS's own threads on
+        top of ours made an eigendecomposition of d = 2048 thirty times slower (measured: 11.8 s against
+        0.36 s); but one layer alone (a small memory budget) would otherwise leave all but one core idle."""
+        threads = min(self.workers, len(items))
+        with blas_threads(self.workers // max(1, threads)):
+            if threads < 2:
                 return [fn(item) for item in items]
-            with ThreadPoolExecutor(min(self.workers, len(items))) as pool:
+            with ThreadPoolExecutor(threads) as pool:
                 return list(pool.map(fn, items))
+
+    def worker_memory(self) -> tuple[int | None, int]:
+        """(the smallest memory limit of the cluster's workers, None when none has one; the most threads
+        a worker has): what memory.plan takes as the budget per worker."""
+        info = self._connect().scheduler_info()
+        workers = list(info.get("workers", {}).values())
+        limits = [int(w["memory_limit"]) for w in workers if w.get("memory_limit")]
+        threads = max([int(w.get("nthreads", 1)) for w in workers] or [1])
+        return (min(limits) if limits else None), threads
 
     def describe(self) -> str:
         if self.distributed:

@@ -74,10 +74,17 @@ class ScanPartial:
 
     def combine(self, other: "ScanPartial") -> "ScanPartial":
         """The scan of self's rows followed by other's: row-wise fields keep their order."""
+        return self._joined(other, self.moments.combine(other.moments))
+
+    def absorb(self, other: "ScanPartial") -> "ScanPartial":
+        """`combine`, with the moments (the d x d part) summed into self's: for a lane's own accumulator."""
+        return self._joined(other, self.moments.absorb(other.moments))
+
+    def _joined(self, other: "ScanPartial", moments: BlockMoments) -> "ScanPartial":
         window = None if self.window is None or other.window is None else self.window.merge(other.window)
         return ScanPartial(
             np.concatenate([self.norms, other.norms]), self.hist + other.hist, self.low_bits or other.low_bits,
-            window, self.moments.combine(other.moments), np.concatenate([self.sure, other.sure]),
+            window, moments, np.concatenate([self.sure, other.sure]),
             np.concatenate([self.raw_index, other.raw_index]), np.concatenate([self.raw, other.raw]),
             self.overflow or other.overflow, self.config).bounded()
 

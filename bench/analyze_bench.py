@@ -2,6 +2,13 @@
 
     python bench/analyze_bench.py            # ~6 GB archive, 2 GB budget (several minutes)
     python bench/analyze_bench.py --small    # a quick check of the script itself
+    python bench/analyze_bench.py --paper [--archive PATH]   # the memory budgets at the paper's shape
+
+`--paper` (the paper's shape: hidden 4096, 2 decoder layers, 100 samples, 576 vision + 800 text tokens,
+float16, ~3 GB; `--archive` reuses one written by `mir synth` with those settings) prints `mir analyze`
+(no cache, no bootstrap) wall time and peak RSS at the default budget, 4 GB, 2 GB and 1 GB, each as a
+ratio to the default run (refusals printed as such), then hidden size 8192 at 2 GB on a small synthetic
+archive: within the budget, or refused before reading.
 
 Prints, side by side:
 * `mir analyze` on the whole archive (larger than the memory budget it gives Dask): wall time and
@@ -190,6 +197,75 @@ def reference_procedure(path: str, rows: int, layers: list[int]) -> dict:
             "fds": fds, "torch_threads": torch.get_num_threads()}
 
 
+# ------------------------------------------------------------------------------ memory budgets
+PAPER = dict(layers=2, hidden=4096, samples=100, vision_tokens=576, text_tokens=800)
+WIDE = dict(layers=1, hidden=8192, samples=6, vision_tokens=576, text_tokens=800)
+BUDGETS = (None, "4GB", "2GB", "1GB")
+
+
+def synth_once(root: Path, spec: dict) -> Path:
+    """A synthetic float16 archive of `spec`, written once per spec under root (kept for reruns)."""
+    from storage_schemas.synth import write_synthetic_archive
+    work = root / "-".join(f"{k}{v}" for k, v in spec.items())
+    path, marker = work / "bench.zarr", work / "bench.json"
+    if not (path.exists() and marker.exists() and json.loads(marker.read_text()) == spec):
+        work.mkdir(parents=True, exist_ok=True)
+        print(f"writing synthetic archive {spec} ...", flush=True)
+        write_synthetic_archive(path, seed=0, overwrite=True, **spec)
+        marker.write_text(json.dumps(spec))
+    return path
+
+
+def analyze_at(path: Path, budget: str | None) -> dict:
+    """`mir analyze --no-cache` at a budget: wall, peak RSS of all its processes, or the refusal."""
+    cmd = [sys.executable, "-m", "pipelines.cli", "analyze", str(path), "--no-cache", "--json", "-",
+           "--no-progress", *(["--memory-limit", budget] if budget else [])]
+    try:
+        out = run_measured(cmd)
+    except SystemExit as exc:
+        text = str(exc)
+        if "memory budget" not in text:
+            raise
+        return {"refused": text.strip().splitlines()[-1]}
+    doc = json.loads(out["stdout"])
+    out["mir"] = doc["mir"]
+    out["reads"] = [layer[m]["data_passes"] for layer in doc["layers"] for m in ("vision", "text")]
+    return out
+
+
+def budgets(args) -> None:
+    from dask.utils import format_bytes, parse_bytes
+    root = Path(args.dir)
+    paper, wide = (dict(PAPER, hidden=256, samples=8), dict(WIDE, hidden=512)) if args.small else (PAPER, WIDE)
+    path = Path(args.archive) if args.archive else synth_once(root, paper)
+    print(f"archive {path} ({format_bytes(dir_bytes(path))} on disk); machine: {os.cpu_count()} cores", flush=True)
+    rows = {}
+    for budget in BUDGETS:
+        print(f"mir analyze at {budget or 'the default budget'} ...", flush=True)
+        rows[budget] = analyze_at(path, budget)
+    base = rows[None]
+    print(f"\n{'budget':>10} {'wall s':>8} {'ratio':>7} {'peak RSS':>10} {'ratio':>7} {'of budget':>9}  reads  MIR")
+    for budget, r in rows.items():
+        name = budget or "default"
+        if "refused" in r:
+            print(f"{name:>10} refused before reading: {r['refused']}")
+            continue
+        share = f"{r['peak_rss'] / parse_bytes(budget):8.2f}x" if budget else f"{'':9s}"
+        print(f"{name:>10} {r['wall_s']:8.1f} {r['wall_s'] / base['wall_s']:6.2f}x {format_bytes(r['peak_rss']):>10} "
+              f"{r['peak_rss'] / base['peak_rss']:6.2f}x {share}  {max(r['reads'])}x    {r['mir']:.6f}")
+    print(f"\nhidden size {wide['hidden']} at 2GB ({wide['samples']} samples, {wide['layers']} decoder layer):", flush=True)
+    wide = synth_once(root, wide)
+    r = analyze_at(wide, "2GB")
+    if "refused" in r:
+        print(f"  refused before reading: {r['refused']}")
+    else:
+        print(f"  {r['wall_s']:.1f} s, peak RSS {format_bytes(r['peak_rss'])} ({r['peak_rss'] / 2e9:.2f}x the budget)")
+    r = analyze_at(wide, "8GB")
+    print(f"  at 8GB: " + (f"refused: {r['refused']}" if "refused" in r else
+                           f"{r['wall_s']:.1f} s, peak RSS {format_bytes(r['peak_rss'])} "
+                           f"({r['peak_rss'] / 8e9:.2f}x the budget)"))
+
+
 # ------------------------------------------------------------------------------ main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,7 +274,12 @@ def main() -> None:
     for key, value in FULL.items():
         ap.add_argument("--" + key.replace("_", "-"), default=None, type=type(value))
     ap.add_argument("--run-reference", nargs=3, metavar=("ARCHIVE", "ROWS", "LAYERS"), help=argparse.SUPPRESS)
+    ap.add_argument("--paper", action="store_true", help="wall time and peak RSS at 4 budgets, the paper's shape")
+    ap.add_argument("--archive", default=None, help="--paper: an existing archive of the paper's shape")
     args = ap.parse_args()
+    if args.paper:
+        budgets(args)
+        return
     if args.run_reference:
         archive, rows, layers = args.run_reference
         print(json.dumps(reference_procedure(archive, int(rows), [int(x) for x in layers.split(",")])))

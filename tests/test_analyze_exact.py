@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from analyze_helpers import analyze_path, assert_matches_reference, reference_layers, write_arrays
 
-from analyze import AnalysisOptions
+from analyze import AnalysisOptions, memory
+from analyze.api import selection_shape
+from analyze.runner import Runner
 from storage_schemas.synth import write_synthetic_archive
 
 
@@ -114,7 +116,9 @@ def test_memory_groups_and_float64_precision_agree(tmp_path):
                                    text_tokens=10, seed=8, chunk_tokens=16, chunks_per_shard=2)
     selection, one_group = analyze_path(path, layers=[1, 2, 3])
     refs = reference_layers(selection)
-    _, grouped = analyze_path(path, AnalysisOptions(cache=False, memory_limit=1), layers=[1, 2, 3])
+    one_layer = max(memory.estimate(selection_shape(selection), layers=1, lanes=1, workers=Runner().workers))
+    _, grouped = analyze_path(path, AnalysisOptions(cache=False, memory_limit=one_layer), layers=[1, 2, 3])
+    assert grouped.settings["memory_plan"].startswith("1 layer(s) per batch")
     _, exact64 = analyze_path(path, AnalysisOptions(cache=False, precision="float64"), layers=[1, 2, 3])
     for result in (one_group, grouped, exact64):
         assert_matches_reference(selection, result, refs)

@@ -1,0 +1,162 @@
+"""The memory plan: how many layers are analysed together and how many lanes read each unit, from
+one explicit model of the peak resident memory, checked against the budget before anything is read.
+
+Why a model and not a guess: the budget (`--memory-limit`, or a dask.distributed worker's memory limit)
+is a promise about the process's peak RSS. The peak is the largest of three phases, each a sum of
+terms that follow from the code (D2 = one d x d float64 matrix, 8 d^2 bytes):
+
+* read: every lane (engine.py: one task folding a run of chunks into one accumulator, in order) holds
+  its accumulator (`groups` D2 of moments plus the scan's bounded side data: histograms, window counts,
+  raw rows, at most ReadConfig's caps, which the plan lowers when a small budget needs it); the lanes running at once (at most one per worker thread) each add one
+  chunk's working set and the chunk's own scatter (one D2) before it is folded in.
+* finish: the d x d statistics of the layers in the batch (2 modalities x `groups` D2), plus, per layer
+  finished at once, the copies of the trace solve and spectrum statistics (results.layer_summary,
+  frechet.trace_sqrt_exact): FINISH_COPIES D2.
+* bootstrap (when on): the gradient's copies per layer (gradient.layer_gradient: GRADIENT_COPIES D2),
+  then the influence read's two triangular factors per layer next to its chunks in flight.
+
+Plus BASE_MEMORY, the interpreter, numpy/scipy/dask/zarr/numba and the archive's metadata (measured
+once: 211 MiB after `import pipelines.cli` and opening the paper-shape archive; rounded up for the
+allocator's slack). When even one layer with one lane does not fit, `plan` raises AnalysisError
+before any read, naming the budget, the need and what to do.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from dask.utils import format_bytes
+
+from .config import DEFAULT, ReadConfig
+from .errors import AnalysisError
+from .moments import gram_rows
+
+BASE_MEMORY = 320 * 2**20  # interpreter + libraries + metadata: 211 MiB measured, + allocator slack
+FINISH_COPIES = 6  # d x d float64 arrays alive at once in one layer's finish, beyond its statistics
+GRADIENT_COPIES = 8  # ... in gradient.layer_gradient (factors, W, U, K_V, K_T, K K^T, its factor), conservative
+INFLUENCE_COPIES = 2  # the two triangular factors a layer's influence read keeps (one per modality)
+MAX_LANES = 4  # beyond this, more accumulators buy no speed on the machines we target
+CAP_SHARES = (1.0, 0.5, 0.25, 0.125)  # the scan's side-data caps tried, as shares of the configured ones
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs to know about the selection."""
+
+    d: int  # hidden size
+    chunk_rows: int  # rows of the largest storage chunk (a map task's input)
+    itemsize: int  # stored bytes per value
+    tokens: int  # vision + text tokens of one layer
+
+    @property
+    def square(self) -> int:
+        """Bytes of one d x d float64 matrix."""
+        return 8 * self.d * self.d
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_rows * self.d * self.itemsize
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a selection is analysed within a budget, and the estimated peak of each phase (bytes)."""
+
+    budget: int
+    layers_per_batch: int
+    lanes: int  # accumulators per unit (one layer and modality)
+    workers: int
+    read: int
+    finish: int
+    bootstrap: int
+    config: ReadConfig = DEFAULT  # the reads' caps, lowered where the budget needs it (more reads, same results)
+
+    @property
+    def peak(self) -> int:
+        return max(self.read, self.finish, self.bootstrap)
+
+    def describe(self) -> str:
+        return (f"{self.layers_per_batch} layer(s) per batch, {self.lanes} lane(s) per layer and modality; "
+                f"estimated peak {format_bytes(self.peak)} of {format_bytes(self.budget)}")
+
+
+def capped(config: ReadConfig, share: float) -> ReadConfig:
+    """The config with the scan's side-data caps (raw rows, window slots, gathered values) at `share` of
+    theirs. ReadConfig's caps trade memory for reads, never results: a partial beyond them is dropped
+    and a second read computes exactly what it would have given."""
+    if share >= 1.0:
+        return config
+    return replace(config, raw_rows_bytes=int(config.raw_rows_bytes * share),
+                   dense_slots_per_column=max(1, int(config.dense_slots_per_column * share)),
+                   dense_slots_bytes=int(config.dense_slots_bytes * share),
+                   sparse_kept_per_column=max(1, int(config.sparse_kept_per_column * share)))
+
+
+def side_bytes(shape: Shape, config: ReadConfig = DEFAULT) -> int:
+    """A scan accumulator's data beside its moments: top-byte histogram (d x 256 int64), window counts
+    (at most ReadConfig's dense slots, 1 KiB each, and its gathered values), raw rows (at most
+    raw_rows_bytes), per-row norms and flags (9 bytes a token)."""
+    d = shape.d
+    dense = min(config.dense_slots_per_column * d, config.dense_slots_kept(d))
+    window = dense * 1024 + config.sparse_kept_per_column * d * 5
+    return 2048 * d + window + config.raw_rows_bytes + 9 * shape.tokens
+
+
+def chunk_working(shape: Shape) -> int:
+    """One map task's working set beside its scatter: the chunk, its transposed copy (fused scan),
+    the float32 rows of one Gram step, the float64 rows of one norm step, raw rows and window counts
+    of this chunk (ReadConfig caps them per unit, so a chunk's never exceed them)."""
+    d = shape.d
+    return 2 * shape.chunk_bytes + 4 * gram_rows(d) * d + 8 * 2048 * d + shape.chunk_bytes
+
+
+def estimate(shape: Shape, *, layers: int, lanes: int, workers: int, groups: int = 1, bootstrap: bool = False,
+             config: ReadConfig = DEFAULT) -> tuple[int, int, int]:
+    """(read, finish, bootstrap) peaks in bytes for `layers` layers together, `lanes` lanes per unit,
+    `workers` threads; `groups` sample groups kept per modality (K d x d moments each)."""
+    units = 2 * layers
+    d2 = shape.square
+    accumulator = groups * d2 + side_bytes(shape, config)
+    running = min(workers, units * lanes)
+    read = BASE_MEMORY + units * lanes * accumulator + running * (d2 + chunk_working(shape))
+    stats = units * groups * d2 + layers * 9 * shape.tokens
+    finishing = min(workers, layers)
+    finish = BASE_MEMORY + stats + finishing * FINISH_COPIES * d2
+    boot = 0
+    if bootstrap:
+        gradients = BASE_MEMORY + stats + finishing * GRADIENT_COPIES * d2
+        influence = BASE_MEMORY + stats + layers * INFLUENCE_COPIES * d2 + workers * chunk_working(shape)
+        boot = max(gradients, influence)
+    return read, finish, boot
+
+
+def plan(shape: Shape, n_layers: int, workers: int, budget: int, *, groups: int = 1, bootstrap: bool = False,
+         config: ReadConfig = DEFAULT) -> MemoryPlan:
+    """The fastest plan within the budget: the most layers per batch (up to all), then enough lanes
+    that every worker thread has a unit's lane to read (at most MAX_LANES per unit), with the scan's
+    caps as configured, or lowered (CAP_SHARES) when one layer does not fit otherwise; raises
+    AnalysisError when one layer with one lane does not fit even so."""
+    def make(layers: int, lanes: int, reads: ReadConfig) -> MemoryPlan:
+        r, f, b = estimate(shape, layers=layers, lanes=lanes, workers=workers, groups=groups, bootstrap=bootstrap,
+                           config=reads)
+        return MemoryPlan(budget, layers, lanes, workers, r, f, b, reads)
+
+    for share in CAP_SHARES:
+        smallest = make(1, 1, capped(config, share))
+        if smallest.peak <= budget:
+            break
+    if smallest.peak > budget:
+        phase = max(("reading", smallest.read), ("finishing a layer", smallest.finish),
+                    ("the bootstrap", smallest.bootstrap), key=lambda kv: kv[1])[0]
+        raise AnalysisError(
+            f"the memory budget {format_bytes(budget)} is too small for hidden size {shape.d}: one layer at a "
+            f"time needs about {format_bytes(smallest.peak)} (peak while {phase}; each d x d float64 matrix is "
+            f"{format_bytes(shape.square)}). Raise --memory-limit (or the Dask workers' memory limit) to at least "
+            f"{format_bytes(smallest.peak)}" + (", or run without --bootstrap" if bootstrap else "") + ".")
+    best = smallest
+    for layers in range(1, n_layers + 1):
+        wanted = min(MAX_LANES, max(1, -(-workers // (2 * layers))))
+        fits = [p for lanes in range(wanted, 0, -1) if (p := make(layers, lanes, smallest.config)).peak <= budget]
+        if not fits:
+            break
+        best = fits[0]
+    return best
