@@ -32,7 +32,10 @@ from .moments import gram_rows
 
 BASE_MEMORY = 320 * 2**20  # interpreter + libraries + metadata: 211 MiB measured, + allocator slack
 FINISH_COPIES = 6  # d x d float64 arrays alive at once in one layer's finish, beyond its statistics
-GRADIENT_COPIES = 8  # ... in gradient.layer_gradient (factors, W, U, K_V, K_T, K K^T, its factor), conservative
+# ... in gradient.layer_gradient as it is, counted from the code, conservatively: the replaced moments (2), the
+# covariances (2), K_V and K_T (2), the text gradient's triangular factor kept (1), and in the second
+# triangular_factor k * a, k k^T, dpstrf's copy, np.tril and asfortranarray (5)
+GRADIENT_COPIES = 12
 INFLUENCE_COPIES = 2  # the two triangular factors a layer's influence read keeps (one per modality)
 MAX_LANES = 4  # beyond this, more accumulators buy no speed on the machines we target
 CAP_SHARES = (1.0, 0.5, 0.25, 0.125)  # the scan's side-data caps tried, as shares of the configured ones
