@@ -7,8 +7,11 @@ terms that follow from the code (D2 = one d x d float64 matrix, 8 d^2 bytes):
 
 * read: every lane (engine.py: one task folding a run of chunks into one accumulator, in order) holds
   its accumulator (`groups` D2 of moments plus the scan's bounded side data: histograms, window counts,
-  raw rows, at most ReadConfig's caps, which the plan lowers when a small budget needs it); the lanes running at once (at most one per worker thread) each add one
-  chunk's working set and the chunk's own scatter (one D2) before it is folded in.
+  raw rows, at most ReadConfig's caps, which the plan lowers when a small budget needs it); the lanes
+  running at once (at most one per worker thread) each add the chunk's own scatter (one D2) and the
+  larger of the chunk's working set (while it is mapped) and 3x the side data (the chunk's, and the
+  merged copy made while it is folded in). At the paper's shape the side data is near its caps
+  (measured per 8192-row chunk: ~64k window slots, ~3M gathered values, ~4 MiB of raw rows).
 * finish: the d x d statistics of the layers in the batch (2 modalities x `groups` D2), plus, per layer
   finished at once, the copies of the trace solve and spectrum statistics (results.layer_summary,
   frechet.trace_sqrt_exact): FINISH_COPIES D2.
@@ -30,7 +33,7 @@ from .config import DEFAULT, ReadConfig
 from .errors import AnalysisError
 from .moments import gram_rows
 
-BASE_MEMORY = 320 * 2**20  # interpreter + libraries + metadata: 211 MiB measured, + allocator slack
+BASE_MEMORY = 384 * 2**20  # interpreter + libraries + metadata: 211 MiB measured, + threads, JIT code, slack
 FINISH_COPIES = 6  # d x d float64 arrays alive at once in one layer's finish, beyond its statistics
 # ... in gradient.layer_gradient as it is, counted from the code, conservatively: the replaced moments (2), the
 # covariances (2), K_V and K_T (2), the text gradient's triangular factor kept (1), and in the second
@@ -83,13 +86,13 @@ class MemoryPlan:
 
 
 def capped(config: ReadConfig, share: float) -> ReadConfig:
-    """The config with the scan's side-data caps (raw rows, window slots, gathered values) at `share` of
-    theirs. ReadConfig's caps trade memory for reads, never results: a partial beyond them is dropped
-    and a second read computes exactly what it would have given."""
+    """The config with the median window's caps (window slots, gathered values) at `share` of theirs.
+    ReadConfig's caps trade memory for reads, never results: what exceeds them is dropped and a second,
+    median-only read (histograms, no Gram products) computes it exactly. The raw-row cap stays: beyond it
+    the second read would recompute every Gram product."""
     if share >= 1.0:
         return config
-    return replace(config, raw_rows_bytes=int(config.raw_rows_bytes * share),
-                   dense_slots_per_column=max(1, int(config.dense_slots_per_column * share)),
+    return replace(config, dense_slots_per_column=max(1, int(config.dense_slots_per_column * share)),
                    dense_slots_bytes=int(config.dense_slots_bytes * share),
                    sparse_kept_per_column=max(1, int(config.sparse_kept_per_column * share)))
 
@@ -98,10 +101,10 @@ def side_bytes(shape: Shape, config: ReadConfig = DEFAULT) -> int:
     """A scan accumulator's data beside its moments: top-byte histogram (d x 256 int64), window counts
     (at most ReadConfig's dense slots, 1 KiB each, and its gathered values), raw rows (at most
     raw_rows_bytes), per-row norms and flags (9 bytes a token)."""
-    d = shape.d
-    dense = min(config.dense_slots_per_column * d, config.dense_slots_kept(d))
-    window = dense * 1024 + config.sparse_kept_per_column * d * 5
-    return 2048 * d + window + config.raw_rows_bytes + 9 * shape.tokens
+    d, values = shape.d, shape.tokens * shape.d
+    dense = min(config.dense_slots_per_column * d, config.dense_slots_kept(d), 256 * d)
+    window = dense * 1032 + min(config.sparse_kept_per_column * d, values) * 5
+    return 2048 * d + window + min(config.raw_rows_bytes, values * shape.itemsize) + 9 * shape.tokens
 
 
 def chunk_working(shape: Shape) -> int:
@@ -120,7 +123,10 @@ def estimate(shape: Shape, *, layers: int, lanes: int, workers: int, groups: int
     d2 = shape.square
     accumulator = groups * d2 + side_bytes(shape, config)
     running = min(workers, units * lanes)
-    read = BASE_MEMORY + units * lanes * accumulator + running * (d2 + chunk_working(shape))
+    # a running lane holds, beside its accumulator, the chunk's scatter and either the chunk's working set
+    # (while mapping it) or the chunk's side data and the merged side data (while folding it in: up to 3x)
+    side = side_bytes(shape, config)
+    read = BASE_MEMORY + units * lanes * accumulator + running * (d2 + max(chunk_working(shape), 3 * side))
     stats = units * groups * d2 + layers * 9 * shape.tokens
     finishing = min(workers, layers)
     finish = BASE_MEMORY + stats + finishing * FINISH_COPIES * d2
