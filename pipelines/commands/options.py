@@ -47,7 +47,9 @@ def selection_options(fn):
                      help="dask.distributed scheduler (e.g. tcp://127.0.0.1:8786); default: local threads."),
         click.option("--workers", default=None, type=click.IntRange(min=1), help="Local threads (default: cores)."),
         click.option("--memory-limit", default=None, metavar="SIZE",
-                     help="Memory budget, e.g. 2GB: layers are processed in groups that fit. Default: half of RAM."),
+                     help="Budget for the run's peak memory, e.g. 2GB (on a cluster: at most the workers' limit): "
+                          "layers are analysed in groups that fit; refused before reading when one layer "
+                          "cannot. Default: half of RAM."),
         click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "float64"]),
                      help="Gram products (accumulated in float64 either way)."),
         click.option("--no-cache", is_flag=True, help="Neither read nor write cached statistics."),
