@@ -130,8 +130,8 @@ def finish_scan(scan: ScanPartial, facts: UnitFacts, precision: str) -> ScanOutc
         products = gram_precision(summary.maximum, precision)
         inliers = scan.moments
         for block, start, stop in runs(facts.sample_block[index]):
-            inliers = inliers.combine(BlockMoments({block: block_moments(raw[start:stop], keep[start:stop],
-                                                                         products)}))
+            inliers = inliers.absorb(BlockMoments({block: block_moments(raw[start:stop], keep[start:stop],
+                                                                        products)}))  # the finish owns the scan
     return ScanOutcome(scan.low_bits, summary, outliers, norms, state, inliers)
 
 
