@@ -19,7 +19,7 @@ from .errors import AnalysisError
 
 CI_LEVEL = 0.95
 METHOD = ("nonparametric delta method (infinitesimal jackknife) over samples; mean term exact per replicate; "
-          "percentile interval")
+          "percentile interval, and BCa (bca_low, bca_high; acceleration from the influence values)")
 BATCH = 2048  # replicates evaluated at once (B x N x N products)
 TIE_TOLERANCE = 1e-9  # BCa's z0: replicates this close to MIR (relative) count half below, half above
 HELD = "each modality's outlier rule (norm median and std) and column medians, at their full-selection values"
