@@ -24,11 +24,10 @@ from .dataset import AnalysisResult, result_attrs, to_dataset
 from .engine import STATS_VERSION, compute_stats
 from .errors import AnalysisError
 from .frechet import SQRT_MODES
-from .gradient import layer_gradient
 from . import memory
 from .influence import INFLUENCE_VERSION, LayerInfluence, compute_influence
 from .memory import MemoryPlan, Shape
-from .results import layer_summary
+from .results import layer_summary, layer_summary_and_gradient
 from .runner import Runner
 from .select import parse_layers, resolve_samples
 
@@ -96,11 +95,12 @@ def _cache_key(selection, layer: int, precision: str) -> dict:
 
 
 def _batch_influence(selection, batch: list[int], stats: dict, options: AnalysisOptions,
-                     cache: StatsCache | None, runner: Runner) -> dict[int, LayerInfluence]:
-    """Per-sample influence values of a batch of layers: cached, or one read of the missing layers."""
+                     cache: StatsCache | None, runner: Runner) -> tuple[dict[int, dict], dict[int, LayerInfluence]]:
+    """Per-sample influence values of a batch of layers: cached, or one read of the missing layers. Returns
+    them with the summaries of the missing layers, computed with their gradients from one trace solve."""
     keys = {layer: {**_cache_key(selection, layer, options.precision), "kind": "influence",
                     "influence_version": INFLUENCE_VERSION} for layer in batch}
-    found = {}
+    found, summaries = {}, {}
     if cache is not None:
         for layer in batch:
             values = cache.load_values(keys[layer])
@@ -108,12 +108,16 @@ def _batch_influence(selection, batch: list[int], stats: dict, options: Analysis
                 found[layer] = LayerInfluence.from_arrays(values)
     missing = [layer for layer in batch if layer not in found]
     if missing:
-        grads = dict(zip(missing, runner.map(lambda layer: layer_gradient(stats[layer]), missing)))
-        for layer, values in compute_influence(selection, grads, stats, runner, options.precision).items():
+        solved = runner.map(lambda layer: layer_summary_and_gradient(stats[layer], options.mode, options.precision),
+                            missing)
+        summaries = {layer: summary for layer, (summary, _) in zip(missing, solved)}
+        grads = {layer: grad for layer, (_, grad) in zip(missing, solved)}
+        del solved
+        for layer, values in compute_influence(selection, grads, stats, runner).items():
             if cache is not None:
                 cache.store_values(keys[layer], values.to_arrays())
             found[layer] = values
-    return found
+    return summaries, found
 
 
 def _batch_stats(selection, batch: list[int], options: AnalysisOptions, cache: StatsCache | None,
@@ -172,10 +176,12 @@ def analyze_selection(selection, options: AnalysisOptions | None = None, *, runn
     summaries, influence, hits = {}, {}, []
     for batch in layer_batches(layers, plan.layers_per_batch):
         stats = _batch_stats(selection, batch, options, cache, runner, hits, plan.lanes, plan.config)
-        found = runner.map(lambda st: layer_summary(st, options.mode), [stats[layer] for layer in batch])
-        summaries.update(zip(batch, found))
         if options.bootstrap:
-            influence.update(_batch_influence(selection, batch, stats, options, cache, runner))
+            solved, values = _batch_influence(selection, batch, stats, options, cache, runner)
+            summaries.update(solved)
+            influence.update(values)
+        rest = [layer for layer in batch if layer not in summaries]
+        summaries.update(zip(rest, runner.map(lambda layer: layer_summary(stats[layer], options.mode), rest)))
     ordered = [summaries[layer] for layer in layers]
     total = sum(s["fd"] for s in ordered)
     mir = math.log10(total) if total > 0 else math.nan

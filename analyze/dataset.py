@@ -100,7 +100,8 @@ def versions() -> dict:
 BOOTSTRAP_ATTRS = {"replicates": "bootstrap_replicates", "seed": "bootstrap_seed", "level": "bootstrap_level",
                    "ci_low": "mir_ci_low", "ci_high": "mir_ci_high", "std": "mir_bootstrap_std",
                    "delta_std": "mir_delta_std", "method": "bootstrap_method", "unit": "bootstrap_unit",
-                   "units": "bootstrap_units", "held": "bootstrap_held"}
+                   "units": "bootstrap_units", "held": "bootstrap_held", "bca_low": "mir_bca_low",
+                   "bca_high": "mir_bca_high", "bca_z0": "bootstrap_bca_z0", "bca_acceleration": "bootstrap_bca_acceleration"}
 
 
 def result_attrs(*, mir: float, mode: str, n_samples: int, n_vision_tokens: int, n_text_tokens: int,

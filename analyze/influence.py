@@ -85,49 +85,60 @@ class SampleChunk:
 
 @dataclass(frozen=True)
 class InfluenceParams:
-    gradient: ModalityGradient
+    gradient: ModalityGradient  # its `tri` is in the products' precision (gradient.products_dtype)
     norms: NormSummary  # the held outlier rule
-    precision: str = "float32"  # the products (--precision); accumulation is float64 either way
 
     @property
-    def tri(self) -> np.ndarray:
-        """The triangular factor in the products' precision, Fortran order (BLAS trmm), converted once."""
-        cached = self.__dict__.get("_tri")
+    def permuted(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, direction) in the factor's channel order and the products' precision, computed once."""
+        cached = self.__dict__.get("_permuted")
         if cached is None:
-            cached = np.asfortranarray(self.gradient.tri, np.float32 if self.precision == "float32" else np.float64)
-            object.__setattr__(self, "_tri", cached)
+            g, work = self.gradient, self.gradient.tri.dtype
+            cached = (g.mean[g.perm].astype(work), g.direction[g.perm].astype(work))
+            object.__setattr__(self, "_permuted", cached)
         return cached
 
 
 def map_chunk(x, chunk: SampleChunk, params: InfluenceParams) -> SampleSums:
-    """Per-sample counts, outliers, norm sums and the three sums over non-outlier rows (products in the
-    asked precision, float64 accumulation)."""
+    """Per-sample counts, outliers, norm sums and the three sums over non-outlier rows. The rows are
+    gathered once into the factor's channel order (everything per row is order-free; the per-sample
+    vectors are put back at the end); products in the factor's precision, per-sample sums in float64."""
     x = as_rows(x)
     g = params.gradient
     norms = token_norms(x)
     out = params.norms.outliers(norms)
     keep = ~out
     lin, sq, quad = (np.zeros(len(x)) for _ in range(3))
-    n = chunk.samples
-    s = chunk.sample
+    n, s = chunk.samples, chunk.sample
     vectors = np.zeros((n, x.shape[1]))
-    work = np.float32 if params.precision == "float32" else np.float64
-    trmm = blas.strmm if work is np.float32 else blas.dtrmm
-    mean, direction, tri = g.mean.astype(work), g.direction.astype(work), params.tri
+    tri = g.tri
+    trmm = blas.strmm if tri.dtype == np.float32 else blas.dtrmm
+    mean, direction = params.permuted
+    ones = np.ones(min(STEP_ROWS, len(x)), tri.dtype)
     for start in range(0, len(x), STEP_ROWS):
         rows = slice(start, start + STEP_ROWS)
-        y = np.subtract(x[rows], mean, dtype=work)
+        y = np.subtract(np.take(x[rows], g.perm, axis=1), mean, dtype=tri.dtype)  # (rows, d) C order
         y[out[rows]] = 0
         lin[rows] = y @ direction
         sq[rows] = np.einsum("ij,ij->i", y, y, dtype=np.float64)
-        p = trmm(1.0, tri, np.ascontiguousarray(y[:, g.perm]).T, side=0, lower=1, trans_a=1, overwrite_b=1)
+        for i, a, b in _runs(s[rows]):  # a sample's rows are contiguous: few runs per step
+            vectors[i] += ones[:b - a] @ y[a:b]
+        p = trmm(1.0, tri, y.T, side=0, lower=1, trans_a=1, overwrite_b=1)  # y.T: Fortran, no copy
         quad[rows] = np.einsum("ji,ji->i", p, p, dtype=np.float64)
-        for i in np.unique(s[rows]):
-            vectors[i] += y[s[rows] == i].sum(axis=0, dtype=np.float64)
+    back = np.empty_like(vectors)
+    back[:, g.perm] = vectors
     values = np.stack([np.bincount(s, minlength=n).astype(np.float64), np.bincount(s, weights=out, minlength=n),
                        np.bincount(s, weights=norms, minlength=n)]
                       + [np.bincount(s[keep], weights=v[keep], minlength=n) for v in (lin, sq, quad)])
-    return SampleSums(values, vectors)
+    return SampleSums(values, back)
+
+
+def _runs(sample: np.ndarray) -> list[tuple[int, int, int]]:
+    """(sample, first row, end row) of each run of equal values."""
+    if len(sample) == 0:
+        return []
+    edges = np.concatenate([[0], np.flatnonzero(np.diff(sample)) + 1, [len(sample)]])
+    return [(int(sample[a]), int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
 @dataclass(frozen=True)
@@ -171,7 +182,7 @@ def layer_influence(grad: LayerGradient, sums: dict[str, SampleSums]) -> LayerIn
 
 
 def compute_influence(selection, grads: dict[int, LayerGradient], stats: dict[int, LayerStats],
-                      runner: Runner | None = None, precision: str = "float32") -> dict[int, LayerInfluence]:
+                      runner: Runner | None = None) -> dict[int, LayerInfluence]:
     """Influence values (N,) per layer: one read of the given layers of the selection, both modalities."""
     runner = runner or Runner()
     read = InfluenceRead()
@@ -186,9 +197,7 @@ def compute_influence(selection, grads: dict[int, LayerGradient], stats: dict[in
         for layer, grad in grads.items():
             arr = view.data[int(np.flatnonzero(selection.layers == layer)[0])]
             held = stats[layer].modality(m).norms
-            # fewer tokens than channels: rows in memory, float64 like their statistics (inmemory.py)
-            products = "float64" if arr.shape[0] < arr.shape[1] else precision
-            params = dask.delayed(InfluenceParams(grad.modality(m), held, products), pure=True)
+            params = dask.delayed(InfluenceParams(grad.modality(m), held), pure=True)
             edges = np.concatenate([[0], np.cumsum(arr.chunks[0])]).astype(int)
             parts = [dask.delayed(read.map, pure=True)(x, SampleChunk(sample[a:b], n), params)
                      for x, a, b in zip(arr.to_delayed().ravel(), edges[:-1], edges[1:])]

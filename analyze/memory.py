@@ -16,7 +16,7 @@ terms that follow from the code (D2 = one d x d float64 matrix, 8 d^2 bytes):
   finished at once, the copies of the trace solve and spectrum statistics (results.layer_summary,
   frechet.trace_sqrt_exact): FINISH_COPIES D2.
 * bootstrap (when on): the gradient's copies per layer (gradient.layer_gradient: GRADIENT_COPIES D2),
-  then the influence read's two triangular factors per layer next to its chunks in flight.
+  then the influence read's triangular factors per layer next to its chunks in flight.
 
 Plus BASE_MEMORY, the interpreter, numpy/scipy/dask/zarr/numba and the archive's metadata (measured
 once: 211 MiB after `import pipelines.cli` and opening the paper-shape archive; rounded up for the
@@ -31,15 +31,16 @@ from dask.utils import format_bytes
 
 from .config import DEFAULT, ReadConfig
 from .errors import AnalysisError
+from .gradient import DXD_HELD, DXD_PEAK
 from .moments import gram_rows
 
 BASE_MEMORY = 384 * 2**20  # interpreter + libraries + metadata: 211 MiB measured, + threads, JIT code, slack
 FINISH_COPIES = 6  # d x d float64 arrays alive at once in one layer's finish, beyond its statistics
-# ... in gradient.layer_gradient as it is, counted from the code, conservatively: the replaced moments (2), the
-# covariances (2), K_V and K_T (2), the text gradient's triangular factor kept (1), and in the second
-# triangular_factor k * a, k k^T, dpstrf's copy, np.tril and asfortranarray (5)
-GRADIENT_COPIES = 12
-INFLUENCE_COPIES = 2  # the two triangular factors a layer's influence read keeps (one per modality)
+# the bootstrap's finish (results.layer_summary_and_gradient + gradient.layer_gradient): the gradient's own
+# peak beyond the statistics (gradient.DXD_PEAK, measured) plus the 3 that making the factors needs next to
+# its input; then each layer keeps gradient.DXD_HELD for the influence read (two float32 triangular factors)
+GRADIENT_COPIES = DXD_PEAK + 3
+INFLUENCE_COPIES = DXD_HELD
 MAX_LANES = 4  # beyond this, more accumulators buy no speed on the machines we target
 CAP_SHARES = (1.0, 0.5, 0.25, 0.125)  # the scan's side-data caps tried, as shares of the configured ones
 

@@ -10,7 +10,8 @@ import scipy.linalg as sl
 from scipy.sparse.linalg import eigsh
 from storage_schemas.schema import MODALITIES
 
-from .frechet import PsdFactor, frechet_distance, symmetrize
+from .frechet import FrechetResult, PsdFactor, frechet_distance, symmetrize
+from .gradient import LayerGradient, layer_gradient, trace_solve
 from .moments import Moments
 from .stats import LayerStats, ModalityStats
 
@@ -68,15 +69,44 @@ def layer_summary(stats: LayerStats, mode: str) -> dict:
     norms in the archive's raw units)."""
     fd, (mv, mt), covs, a, factors = layer_fd(stats, mode, with_factors=True)
     factors = [PsdFactor(np.empty((f.y.shape[0], 0)), f.rank, f.rcond) for f in factors]  # Y no longer needed
+    spectra = [_spectrum_stats(cov, factor) for cov, factor in zip(covs, factors)]
+    return _summary(stats, fd, mv, mt, a, spectra)
+
+
+def layer_summary_and_gradient(stats: LayerStats, mode: str, precision: str) -> tuple[dict, LayerGradient]:
+    """layer_summary and the layer's FD gradient (the bootstrap's influence read, gradient.py) from one trace
+    solve: the eigenvectors of the published trace term's eigensolve are what the gradient needs. Memory:
+    the covariances and factors are handed to the gradient, which frees them as it goes."""
+    if mode != "exact" or stats.vision.rows is not None or stats.text.rows is not None:
+        return layer_summary(stats, mode), layer_gradient(stats, precision)  # other trace routes: solved twice
+    a = stats.scale()
+    (mv, cv), (mt, ct) = (_moments_and_covariance(s, None, a) for s in (stats.vision, stats.text))
+    covs = [cv, ct]
+    del cv, ct
+    factors = [PsdFactor.of(cov) for cov in covs]
+    spectra = [_spectrum_stats(cov, factor) for cov, factor in zip(covs, factors)]
+    traces = tuple(s["total_variance"] for s in spectra)
+    ys = [f.y for f in factors]
+    del factors
+    solve = trace_solve(covs, ys)
+    diff = (mv.mean - mt.mean) * a
+    mean_term = float(diff @ diff)
+    fd = FrechetResult(mean_term + traces[0] + traces[1] - 2.0 * solve.value, mean_term, traces[0], traces[1],
+                       solve.value, mode, solve.route, solve.negative_mass)
+    summary = _summary(stats, fd, mv, mt, a, spectra)
+    return summary, layer_gradient(stats, precision, (a, mv, mt, traces, solve))
+
+
+def _summary(stats: LayerStats, fd: FrechetResult, mv, mt, a: float, spectra: list[dict]) -> dict:
     out = {"layer": stats.layer, "fd": fd.fd, "fd_mean_term": fd.mean_term, "fd_covariance_term": fd.covariance_term,
            "trace_sqrt": fd.trace_sqrt, "scale": a, "route": fd.route, "negative_eigenvalue_mass": fd.negative_mass}
     cos = float(mv.mean @ mt.mean / (np.linalg.norm(mv.mean) * np.linalg.norm(mt.mean)))
     out["centroid_cosine"] = cos
-    for name, cov, factor in zip(MODALITIES, covs, factors):
+    for name, spectrum in zip(MODALITIES, spectra):
         s = stats.modality(name)
         out[name] = {
             "tokens": s.n, "outliers": s.n_outliers, "norm_mean": s.norms.mean, "norm_median": s.norms.median,
             "norm_std": s.norms.std, "outlier_threshold": s.norms.threshold,
-            "tokens_per_channel": s.n / s.d, "data_passes": s.passes, **_spectrum_stats(cov, factor),
+            "tokens_per_channel": s.n / s.d, "data_passes": s.passes, **spectrum,
         }
     return out

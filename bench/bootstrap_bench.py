@@ -2,6 +2,7 @@
 
     flock /tmp/heavy.lock python bench/bootstrap_bench.py          # d = 4096, LLaVA-1.5-7B-like shape
     python bench/bootstrap_bench.py --small                         # a quick check of the script itself
+    flock /tmp/heavy.lock python bench/bootstrap_bench.py --archive /work/data/paper-2L.zarr   # an existing one
 
 On one synthetic archive shaped like LLaVA-1.5-7B (hidden size 4096, 100 samples, 576 vision + ~800
 text tokens per sample; 2 of the decoder layers: scaled down in layer count, never in width), three
@@ -9,7 +10,7 @@ text tokens per sample; 2 of the decoder layers: scaled down in layer count, nev
 1. without bootstrap, cold cache;
 2. `--bootstrap 1000`, cold cache (the statistics, then the influence read);
 3. `--bootstrap 1000 --seed 1`, the cache of run 2: must read no data.
-The archive is deleted afterwards. Target (issue 12): run 2 at most 1.3x run 1.
+The archive is deleted afterwards (an --archive given is only read: caches go to a temporary directory). Target (issue 12): run 2 at most 1.3x run 1.
 """
 from __future__ import annotations
 
@@ -36,14 +37,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--memory-limit", default=None, help="passed to every mir analyze (e.g. 2GB)")
+    parser.add_argument("--archive", default=None, help="an existing archive of the paper's shape, instead of synthesising")
     args = parser.parse_args()
     shape = SMALL if args.small else FULL
     work = Path(tempfile.mkdtemp(prefix="mir-bootstrap-bench-"))
     try:
-        archive = work / "a.zarr"
-        synth = run_measured(mir("synth", "--out", archive, "--dtype", "float16", "--seed", 0,
-                                 *[x for k, v in shape.items() for x in (f"--{k.replace('_', '-')}", v)]))
-        print(f"archive: {shape}, float16; written in {synth['wall_s']:.0f} s", flush=True)
+        if args.archive:
+            archive = Path(args.archive)
+            print(f"archive: {archive} (given)", flush=True)
+        else:
+            archive = work / "a.zarr"
+            synth = run_measured(mir("synth", "--out", archive, "--dtype", "float16", "--seed", 0,
+                                     *[x for k, v in shape.items() for x in (f"--{k.replace('_', '-')}", v)]))
+            print(f"archive: {shape}, float16; written in {synth['wall_s']:.0f} s", flush=True)
         budget = ["--memory-limit", args.memory_limit] if args.memory_limit else []
         runs = {}
         for name, extra in (("no bootstrap", ["--cache-dir", work / "c0"]),

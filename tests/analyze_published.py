@@ -101,9 +101,12 @@ def check_bootstrap(got: dict, ref: dict) -> None:
     scale = ref["fd_total"] + len(ref["fd_influence"]) * np.abs(ref["fd_influence"]).max()
     ok = np.isnan(want_fd) | (np.abs(got_fd - want_fd) <= FD_RTOL * (scale + np.abs(want_fd)))
     assert ok.all(), (got_fd[~ok], want_fd[~ok])
+    for name in ("bca_low", "bca_high"):  # z0 counts replicates below MIR: one near it moves the ends by ~1/B sd
+        assert abs(got[name] - ref[name]) <= 0.02 * (ref["ci_high"] - ref["ci_low"]), (name, got[name], ref[name])
     for name in ("ci_low", "ci_high"):  # as FDs, like the replicates
         g, w = 10 ** got[name], 10 ** ref[name]
         assert abs(g - w) <= FD_RTOL * (scale + w), (name, got[name], ref[name])
+    assert abs(got["bca_acceleration"] - ref["bca_acceleration"]) <= 1e-4 * abs(ref["bca_acceleration"]) + 1e-12
     for name in ("std", "delta_std"):
         assert abs(got[name] - ref[name]) <= 1e-4 * abs(ref[name]), (name, got[name], ref[name])
     assert "delta method" in got["method"] and "outlier rule" in got["held"] and "medians" in got["held"]
@@ -160,7 +163,8 @@ DATASET_ATTRS = {"mir", "sqrt_mode", "n_samples", "n_vision_tokens", "n_text_tok
 BOOTSTRAP_ATTRS = {"bootstrap_replicates": "replicates", "bootstrap_seed": "seed", "bootstrap_level": "level",
                    "mir_ci_low": "ci_low", "mir_ci_high": "ci_high", "mir_bootstrap_std": "std",
                    "mir_delta_std": "delta_std", "bootstrap_method": "method", "bootstrap_unit": "unit",
-                   "bootstrap_units": "units", "bootstrap_held": "held"}
+                   "bootstrap_units": "units", "bootstrap_held": "held", "mir_bca_low": "bca_low",
+                   "mir_bca_high": "bca_high", "bootstrap_bca_z0": "bca_z0", "bootstrap_bca_acceleration": "bca_acceleration"}
 
 
 def check_dataset(ds: xr.Dataset, ref: dict, *, mode: str = "exact") -> None:

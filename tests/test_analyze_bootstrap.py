@@ -111,3 +111,28 @@ def test_weights_resample_all_samples():
     assert w.shape == (50, 7) and (w.sum(axis=1) == 7).all()
     with pytest.raises(AnalysisError, match="at least 2 samples"):
         sample_weights(5, 1, seed=0)
+
+
+def test_one_trace_solve_publishes_the_same_numbers_and_gradient(tmp_path, monkeypatch):
+    """With the bootstrap, the published trace solve also yields the gradient (results.py): its numbers equal
+    the run without bootstrap, and its gradient the one gradient.py computes on its own."""
+    from analyze.engine import compute_stats
+    from analyze.gradient import layer_gradient
+    from analyze.results import layer_summary, layer_summary_and_gradient
+    selection = _selection(tmp_path, monkeypatch, "many-outliers", "float32")
+    plain = analyze_selection(selection, AnalysisOptions(cache=False))
+    boot = analyze_selection(selection, AnalysisOptions(bootstrap=20, cache=False))
+    for name in ("fd", "trace_sqrt", "total_variance", "effective_rank", "condition_number"):
+        np.testing.assert_allclose(boot.dataset[name].values, plain.dataset[name].values, rtol=1e-10)
+    stats = compute_stats(selection, [1])[1]
+    summary, grad = layer_summary_and_gradient(stats, "exact", "float64")
+    alone = layer_gradient(stats, "float64")
+    assert summary["fd"] == pytest.approx(layer_summary(stats, "exact")["fd"], rel=1e-12)
+    assert grad.fd == pytest.approx(alone.fd, rel=1e-12) and grad.trace_sqrt == pytest.approx(alone.trace_sqrt)
+    for m in ("vision", "text"):
+        got, want = grad.modality(m), alone.modality(m)
+        full = [np.empty_like(g.tri) for g in (got, want)]
+        for out, g in zip(full, (got, want)):
+            out[np.ix_(g.perm, g.perm)] = g.tri @ g.tri.T  # a^2 K K^T in channel order
+        np.testing.assert_allclose(full[0], full[1], rtol=0, atol=1e-9 * np.abs(full[1]).max())
+        assert grad.totals[m] == pytest.approx(alone.totals[m], rel=1e-9)

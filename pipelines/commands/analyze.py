@@ -90,6 +90,9 @@ def format_result(result) -> str:
         lines.append(f"95% CI [{a['mir_ci_low']:.6f}, {a['mir_ci_high']:.6f}]  (bootstrap: {a['bootstrap_replicates']} "
                      f"replicates over {a['bootstrap_units']} samples, seed {a['bootstrap_seed']}; sd "
                      f"{a['mir_bootstrap_std']:.2g})")
+        if "mir_bca_low" in a:
+            lines.append(f"BCa 95% CI [{a['mir_bca_low']:.6f}, {a['mir_bca_high']:.6f}]  (bias-corrected and "
+                         "accelerated: covers closer to 95% where the spread changes with MIR; README, Uncertainty)")
     lines.append(f"{'layer':>5} {'FD':>11} {'mean term':>11} {'cov term':>11} {'scale a':>11} "
                  f"{'outl. v/t':>11}  route")
     for layer in ds["layer"].values:
