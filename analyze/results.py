@@ -10,6 +10,7 @@ import scipy.linalg as sl
 from scipy.sparse.linalg import eigsh
 from storage_schemas.schema import MODALITIES
 
+from .activations import massive_summary
 from .frechet import PsdFactor, frechet_distance
 from .stats import LayerStats, ModalityStats
 
@@ -35,19 +36,25 @@ def layer_fd(stats: LayerStats, mode: str, weights: np.ndarray | None = None, wi
     return result, (mv, mt), (cv, ct), a, factors
 
 
-def _spectrum_stats(cov: np.ndarray, factor: PsdFactor) -> dict:
-    """Variance, participation ratio, leading eigenvalues (Lanczos), numerical rank and condition
-    number (LAPACK estimate from the Cholesky factor), without a full eigendecomposition."""
+def _spectrum_stats(cov: np.ndarray, factor: PsdFactor, gap: np.ndarray) -> dict:
+    """Variance, participation ratio, leading eigenvalues and eigenvectors (Lanczos), numerical rank and
+    condition number (LAPACK estimate from the Cholesky factor), without a full eigendecomposition; and
+    |cos| of the modality-gap vector with each leading eigenvector (principal direction)."""
     cov = (cov + cov.T) * 0.5
     d = cov.shape[0]
     total = float(np.trace(cov))
     frob = float(np.sum(cov * cov))
     k = min(LEADING, d)
     if d <= 4 * LEADING:
-        top = sl.eigh(cov, eigvals_only=True, driver="evd")[::-1][:k]
+        values, vectors = sl.eigh(cov, driver="evd")
     else:
-        top = np.sort(eigsh(cov, k=k, which="LA", v0=np.ones(d), return_eigenvectors=False))[::-1]
+        values, vectors = eigsh(cov, k=k, which="LA", v0=np.ones(d))
+    order = np.argsort(values)[::-1][:k]
+    top, vectors = values[order], vectors[:, order]
+    length = float(np.linalg.norm(gap))
+    cosines = np.abs(gap @ vectors) / length if length > 0 else np.full(k, np.nan)
     return {
+        "gap_cosine": np.pad(cosines, (0, LEADING - k), constant_values=np.nan),
         "total_variance": total,
         "effective_rank": total ** 2 / frob if frob > 0 else 0.0,
         "leading_eigenvalues": np.pad(top, (0, LEADING - k), constant_values=np.nan),
@@ -64,11 +71,21 @@ def layer_summary(stats: LayerStats, mode: str) -> dict:
            "trace_sqrt": fd.trace_sqrt, "scale": a, "route": fd.route, "negative_eigenvalue_mass": fd.negative_mass}
     cos = float(mv.mean @ mt.mean / (np.linalg.norm(mv.mean) * np.linalg.norm(mt.mean)))
     out["centroid_cosine"] = cos
+    gap = gap_vector(stats)
+    out["gap_norm"] = float(np.linalg.norm(gap))
     for name, cov, factor in zip(MODALITIES, covs, factors):
         s = stats.modality(name)
         out[name] = {
             "tokens": s.n, "outliers": s.n_outliers, "norm_mean": s.norms.mean, "norm_median": s.norms.median,
             "norm_std": s.norms.std, "outlier_threshold": s.norms.threshold,
-            "tokens_per_channel": s.n / s.d, "data_passes": s.passes, **_spectrum_stats(cov, factor),
+            "tokens_per_channel": s.n / s.d, "data_passes": s.passes, **_spectrum_stats(cov, factor, gap),
+            **massive_summary(s.activations),
         }
     return out
+
+
+def gap_vector(stats: LayerStats) -> np.ndarray:
+    """Liang et al.'s modality gap: mean(v / ||v||) - mean(t / ||t||) over the raw tokens (before the
+    outlier replacement; scale-free, so the text normalisation does not enter)."""
+    v, t = stats.vision, stats.text
+    return v.activations.unit_sum / v.n - t.activations.unit_sum / t.n
