@@ -85,6 +85,19 @@ def compare_archives(locations: list[str], *, labels: list[str] | None = None, l
     return comparison
 
 
+def drift_between(location_a: str, location_b: str, layers: list[int], *, text_tokens: str | None = None,
+                  runner: Runner | None = None, precision: str = "float32", storage_options: dict | None = None
+                  ) -> list[dict]:
+    """CKA per layer and modality between the tokens of the samples two archives share (analyze/drift.py)."""
+    archives = [open_archive(loc, storage_options) for loc in (location_a, location_b)]
+    ids, _ = shared_sample_ids(archives)
+    if not ids:
+        raise AnalysisError(f"{location_a} and {location_b} share no sample id; CKA needs the same samples")
+    rule = _shared_rule(archives, [str(location_a), str(location_b)], text_tokens)
+    a, b = (arc.select(samples=ids, layers=layers, text_tokens=rule) for arc in archives)
+    return compute_drift(a, b, layers, runner=runner, precision=precision)
+
+
 def _shared_rule(archives, locations: list[str], text_tokens: str | None) -> TextTokenRule:
     if text_tokens is not None:
         return TextTokenRule.parse(text_tokens)
