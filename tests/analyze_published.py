@@ -250,11 +250,15 @@ def check_stats_table(text: str, ref: dict) -> None:
         p = line.split()
         if p[0] == "cross":
             r = by_layer[layer]
-            m = re.search(r"scale a (\S+); FD (\S+) = mean term (\S+) \+ covariance term (\S+); centroid cosine (\S+)",
-                          line)
+            m = re.search(r"scale a (\S+); FD (\S+) = mean term (\S+) \+ covariance term (\S+); "
+                          r"centroid cosine ([^;\s]+)", line)
             for got, want in zip(m.groups()[:4], (r["scale"], r["fd"], r["fd_mean_term"], r["fd_covariance_term"])):
                 assert abs(float(got) - want) <= 1e-4 * abs(want) + FD_RTOL * r["fd"], (line, want)
             assert abs(float(m.group(5)) - r["centroid_cosine"]) <= 1e-4, line
+            g = re.search(r"gap \|\|d\|\| (\S+), \|cos\| with PC1 vision (\S+) text (\S+)$", line).groups()
+            assert abs(float(g[0]) - r["gap_norm"]) <= 1e-4 * r["gap_norm"] + 1e-4, line
+            assert abs(float(g[1]) - r["vision"]["gap_cosine"][0]) <= 2e-3, line
+            assert abs(float(g[2]) - r["text"]["gap_cosine"][0]) <= 2e-3, line
             seen.add((layer, "cross"))
             continue
         layer, mod = int(p[0]), p[1]
@@ -267,5 +271,8 @@ def check_stats_table(text: str, ref: dict) -> None:
         cond = _num(p[10])
         assert (math.isinf(want["condition_number"]) and math.isnan(cond)) or \
             0.3 * want["condition_number"] <= cond <= 1.001 * want["condition_number"], line
+        assert math.isclose(_num(p[11]), want["abs_median"], rel_tol=1e-4), line
+        assert math.isclose(_num(p[12]), want["top_abs_ratio"][0], rel_tol=1e-4), line
+        assert p[13] == f"{want['massive_channels_100x']}/{want['massive_channels_1000x']}", line
         seen.add((layer, mod))
     assert seen == {(r["layer"], m) for r in ref["layers"] for m in ("vision", "text", "cross")}
