@@ -195,42 +195,49 @@ def analyze_checkpoint(params: dict, name: str):
 def study_drift(config: StudyConfig, outcomes: list[CheckpointOutcome], results: Path, scheduler: str | None,
                 echo: Callable[[str], None]) -> None:
     """CKA of every analysed checkpoint to the previous analysed one and to the first (analyze/drift.py),
-    on the samples both archives hold, the layers both analyses used and the [analyze] text-token rule;
-    cached per pair under results/ by both archives' fingerprints and those settings."""
-    from analyze import AnalysisError, Runner
-    from analyze.drift import DRIFT_VERSION
-
-    from .compare import drift_between
+    on the samples both archives hold, the layers both analyses used and the [analyze] text-token rule."""
+    from analyze import Runner
 
     done = [o for o in outcomes if o.result is not None]
-    _, params = _analyze_params(config, done[0].archive, scheduler) if done else (None, {})
+    if not done:
+        return
+    _, params = _analyze_params(config, done[0].archive, scheduler)
     runner = Runner(params.get("scheduler"), workers=params.get("workers"))
     try:
         for i, o in enumerate(done):
             o.drift = {"previous": None, "first": None}
-            for which, other in (("previous", done[i - 1] if i else None), ("first", done[0] if i else None)):
-                if other is None:
-                    continue
-                layers = sorted(set(other.result["settings"]["layers"]) & set(o.result["settings"]["layers"]))
-                key = {"a": open_archive(other.archive).fingerprint, "b": open_archive(o.archive).fingerprint,
-                       "layers": layers, "text_tokens": params.get("text_tokens"), "precision": params["precision"],
-                       "version": DRIFT_VERSION}
-                path = results / f"cka-{other.checkpoint.name}-{o.checkpoint.name}.json"
-                cached = json.loads(path.read_text()) if path.exists() else {}
-                if cached.get("key") != key:
-                    echo(f"CKA of {o.checkpoint.name} to {other.checkpoint.name}")
-                    try:
-                        rows = drift_between(str(other.archive), str(o.archive), layers,
-                                             text_tokens=params.get("text_tokens"), runner=runner,
-                                             precision=params["precision"])
-                    except (ArchiveError, AnalysisError) as exc:
-                        raise StudyError(f"CKA of {o.checkpoint.name} to {other.checkpoint.name} failed: {exc}") from exc
-                    cached = {"key": key, "layers": rows}
-                    path.with_suffix(".tmp").write_text(json.dumps(cached, indent=1))
-                    path.with_suffix(".tmp").replace(path)
-                o.drift[which] = cached["layers"]
+            if i:
+                o.drift["previous"] = _pair_drift(done[i - 1], o, params, runner, results, echo)
+                o.drift["first"] = _pair_drift(done[0], o, params, runner, results, echo)
     finally:
         runner.close()
+
+
+def _pair_drift(a: CheckpointOutcome, b: CheckpointOutcome, params: dict, runner, results: Path,
+                echo: Callable[[str], None]) -> list[dict]:
+    """CKA rows of b to a, cached in results/ under both archives' fingerprints and the settings."""
+    from analyze import AnalysisError
+    from analyze.drift import DRIFT_VERSION
+
+    from .compare import drift_between
+
+    layers = sorted(set(a.result["settings"]["layers"]) & set(b.result["settings"]["layers"]))
+    key = {"a": open_archive(a.archive).fingerprint, "b": open_archive(b.archive).fingerprint, "layers": layers,
+           "text_tokens": params.get("text_tokens"), "precision": params["precision"], "version": DRIFT_VERSION}
+    path = results / f"cka-{a.checkpoint.name}-{b.checkpoint.name}.json"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if cached.get("key") == key:
+        return cached["layers"]
+    echo(f"CKA of {b.checkpoint.name} to {a.checkpoint.name}")
+    try:
+        rows = drift_between(str(a.archive), str(b.archive), layers, text_tokens=params.get("text_tokens"),
+                             runner=runner, precision=params["precision"])
+    except (ArchiveError, AnalysisError) as exc:
+        raise StudyError(f"CKA of {b.checkpoint.name} to {a.checkpoint.name} failed: {exc}") from exc
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "layers": rows}, indent=1))
+    tmp.replace(path)  # a killed study never leaves a half-written file
+    return rows
 
 
 def _mean_cka(rows: list[dict] | None, modality: str) -> float | None:
