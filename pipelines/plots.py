@@ -86,7 +86,7 @@ def plot_mir_by_step(rows: list[dict], path: str | Path) -> Path:
         ax.plot(xs, ys, marker="o", label="MIR")
     for x, y, r in zip(xs, ys, rows):
         ax.annotate(r["checkpoint"], (x, y), textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
-    ax.set_xlabel("training step" if all(r["step"] is not None for r in rows) else "checkpoint")
+    axes[-1, 0].set_xlabel("training step" if all(r["step"] is not None for r in rows) else "checkpoint")
     ax.set_ylabel("MIR (lower = better integrated)")
     return _finish(fig, ax, path)
 
