@@ -31,6 +31,7 @@ from storage_schemas.provenance import json_digest
 from storage_schemas.schema import MODALITIES
 from storage_schemas.sidecars import ANALYSIS_CACHE, sidecar_dir
 
+from .activations import ActivationStats
 from .moments import Moments
 from .stats import LayerStats, ModalityStats, NormSummary
 
@@ -192,6 +193,9 @@ def _write_entry(path: Path, key: dict, stats: LayerStats) -> None:
         }
         if s.rows is not None:
             arrays["rows"] = s.rows
+        if s.activations is not None:
+            arrays["unit_sum"], arrays["channel_max"] = s.activations.unit_sum, s.activations.channel_max
+            meta.setdefault("activations", {})[m] = s.activations.to_json()
         for name, value in arrays.items():
             value = np.asarray(value)
             chunks = (1,) + value.shape[1:] if name == "inlier_m2" else value.shape
@@ -224,8 +228,11 @@ def _read_entry(path: Path, key: dict) -> LayerStats:
         if means.shape != (k, d) or m2.shape != (k, d, d) or g["block_tokens"].shape != (k,):
             raise ValueError("array shapes disagree")
         rows = g["rows"][...] if "rows" in g else None
+        doc = attrs.get("activations", {}).get(m)
+        activations = None if doc is None else ActivationStats.from_json(doc, g["unit_sum"][...],
+                                                                         g["channel_max"][...])
         mods[m] = ModalityStats(NormSummary(**attrs["norms"][m]), median, g["block_tokens"][...],
                                 g["block_norm_sum"][...], g["block_outliers"][...],
                                 [Moments(int(n), means[i], m2[i]) for i, n in enumerate(n_in)], rows,
-                                int(attrs["passes"][m]))
+                                int(attrs["passes"][m]), activations)
     return LayerStats(int(attrs["layer"]), mods["vision"], mods["text"], dict(attrs.get("meta", {})))

@@ -23,6 +23,11 @@ DESCRIPTIONS = {
     "norm_mean": "token-norm statistics in the archive's raw units",
     "mir_replicate": "MIR of each bootstrap replicate",
     "fd_influence": "first-order change of the layer's FD per unit weight of the sample (delta method)",
+    "gap_norm": "||mean(v/||v||) - mean(t/||t||)||, the modality gap of Liang et al. 2022 (raw tokens)",
+    "gap_cosine": "|cos| of the gap vector with the modality's leading principal directions",
+    "abs_median": "lower median of |h| over all values of the modality (raw units)",
+    "massive_channels_100x": "channels whose max |h| exceeds 100x the median |h| (Sun et al. 2024)",
+    "top_abs": "largest |h| values (raw units), with top_channel / top_sample / top_position / top_role",
 }
 
 
@@ -38,14 +43,14 @@ def to_dataset(summaries: list[dict], attrs: dict, mir_replicates: np.ndarray | 
             continue
         if name in MODALITIES:
             for sub, v in value.items():
-                dims = ("layer", "modality", "rank") if np.ndim(v) else ("layer", "modality")
+                dims = ("layer", "modality", vector_dim(sub)) if np.ndim(v) else ("layer", "modality")
                 data.setdefault(sub, (dims, np.array([[s[m][sub] for m in MODALITIES] for s in summaries])))
         else:
             data[name] = ("layer", np.array([s[name] for s in summaries]))
     coords = {"layer": np.array([s["layer"] for s in summaries], dtype=np.int64), "modality": list(MODALITIES)}
-    ranks = [v[1].shape[2] for v in data.values() if len(v[0]) == 3]
-    if ranks:
-        coords["rank"] = np.arange(1, ranks[0] + 1)
+    for dims, values in data.values():
+        if len(dims) == 3:
+            coords.setdefault(dims[2], np.arange(1, values.shape[2] + 1))
     if mir_replicates is not None:
         data["mir_replicate"] = ("replicate", np.asarray(mir_replicates, np.float64))
     if influence is not None:
@@ -56,6 +61,12 @@ def to_dataset(summaries: list[dict], attrs: dict, mir_replicates: np.ndarray | 
         if name in ds:
             ds[name].attrs["long_name"] = text
     return ds
+
+
+def vector_dim(name: str) -> str:
+    """The third dimension of a per-modality vector: `top` for the top-k activations (activations.py),
+    `rank` for the leading principal directions."""
+    return "top" if name.startswith("top_") else "rank"
 
 
 def _plain(value):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import dask
 import numpy as np
-from storage_schemas.schema import MODALITIES
+from storage_schemas.schema import MODALITIES, TextRole
 
 from .config import DEFAULT, ReadConfig
 from .errors import AnalysisError
@@ -31,7 +31,7 @@ from .scan import UnitFacts, runs
 from .stats import LayerStats
 
 log = logging.getLogger(__name__)
-STATS_VERSION = 1
+STATS_VERSION = 2  # 2: per-value statistics (activations.py: gap-vector sum, |h| median, top-k)
 
 
 @dataclass
@@ -158,8 +158,23 @@ def compute_stats(selection, layers: list[int], *, blocks: int = 1, precision: s
             outcome.apply(u.progress)
             u.progress.passes += 1
     out = {}
+    labels = {m: token_labels(selection, m) for m in MODALITIES}
     for layer in layers:
         v, t = (next(u for u in units if u.facts.layer == layer and u.facts.modality == m) for m in MODALITIES)
         out[layer] = LayerStats(layer, v.progress.statistics(), t.progress.statistics(),
                                 {"blocks": v.facts.sample_blocks, "precision": precision})
+        for m in MODALITIES:
+            out[layer].modality(m).activations.label_rows(*labels[m])
     return out
+
+
+def token_labels(selection, modality: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per token of a modality's selection: its sample id, position in the prompt, and role name."""
+    view = getattr(selection, modality)
+    ids = selection.archive.samples.sample_id.values[view["sample"].values]
+    if modality == "vision":
+        roles = np.full(len(ids), "image")
+    else:
+        names = np.array([r.name.lower() for r in TextRole])
+        roles = names[view["role"].values.astype(np.int64)]
+    return ids, view["position"].values, roles

@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from .activations import KEYS, TOP_K, ActivationPartial, top_order
 from .radix import TOP_ORDER
 from .window import NONE, SPARSE, Window, WindowCounts
 
@@ -37,7 +38,8 @@ if AVAILABLE:
     _exact = njit(nogil=True, cache=True)
 
     @_sum
-    def _row_norms16(bits, table, out):
+    def _row_norms16(bits, table, out, unit_sum):
+        """Row norms, and the sum of the rows divided by their norms (the row is still in L1)."""
         n, d = bits.shape
         for i in range(n):
             acc = 0.0
@@ -45,9 +47,13 @@ if AVAILABLE:
                 v = table[bits[i, j]]
                 acc += v * v
             out[i] = np.sqrt(acc)
+            if acc > 0.0:
+                inv = 1.0 / out[i]
+                for j in range(d):
+                    unit_sum[j] += table[bits[i, j]] * inv
 
     @_sum
-    def _row_norms32(x, out):
+    def _row_norms32(x, out, unit_sum):
         n, d = x.shape
         for i in range(n):
             acc = 0.0
@@ -55,6 +61,10 @@ if AVAILABLE:
                 v = np.float64(x[i, j])
                 acc += v * v
             out[i] = np.sqrt(acc)
+            if acc > 0.0:
+                inv = 1.0 / out[i]
+                for j in range(d):
+                    unit_sum[j] += np.float64(x[i, j]) * inv
 
     @_exact
     def _transpose(bits, out):
@@ -67,11 +77,50 @@ if AVAILABLE:
                         out[j, i] = bits[i, j]
 
     @_exact
-    def _top_histogram(columns, shift, hist):
+    def _column_pass(columns, shift, start, hist, abs_hist, channel_max, top_bits, top_row, top_col):
+        """Per column: the top-byte histogram, the |h| key histogram and max |h| (magnitude bits); then, only
+        for a column whose max beats the current k-th entry, its values against the top-k list (ties:
+        lower row, then lower channel first, as activations.top_order)."""
         d, n = columns.shape
+        k = top_bits.shape[0]
+        mask = 0x7FFF if shift == 8 else 0x7FFFFFFF
+        key_shift = 0 if shift == 8 else 16
+        low_mask = 0 if shift == 8 else 0xFFFF
+        low = 0
+        filled = 0
+        worst = 0
         for j in range(d):
+            m = 0
             for i in range(n):
-                hist[j, (columns[j, i] >> shift) & 0xFF] += 1
+                b = columns[j, i]
+                hist[j, (b >> shift) & 0xFF] += 1
+                a = b & mask
+                abs_hist[a >> key_shift] += 1
+                low |= b & low_mask
+                if a > m:
+                    m = a
+            channel_max[j] = m
+            if filled == k and m < top_bits[worst]:
+                continue
+            for i in range(n):
+                a = np.int64(columns[j, i] & mask)
+                r = start + i
+                if filled < k:
+                    slot = filled
+                    filled += 1
+                elif a > top_bits[worst] or (a == top_bits[worst] and r < top_row[worst]):
+                    slot = worst
+                else:
+                    continue
+                top_bits[slot], top_row[slot], top_col[slot] = a, r, j
+                if filled == k:  # the new worst: smallest value, then highest row, then highest channel
+                    worst = 0
+                    for s in range(1, k):
+                        if top_bits[s] < top_bits[worst] or (top_bits[s] == top_bits[worst] and (
+                                top_row[s] > top_row[worst] or (top_row[s] == top_row[worst]
+                                                                and top_col[s] > top_col[worst]))):
+                            worst = s
+        return filled, low != 0
 
     @_exact
     def _count(columns, shift, dest, counts, sparse_keys, sparse_bytes):
@@ -123,23 +172,34 @@ def _bits(x: np.ndarray) -> tuple[np.ndarray, int]:
     return x.view(np.uint32), 24
 
 
-def scan_columns(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Token norms (float64), the top-byte histogram (d, 256) and the raw bits column by column
-    (d, n): what kernels.token_norms and radix.byte_histogram(x, 0, ...) compute, and the input of
-    `count_window`."""
+def scan_columns(x: np.ndarray, start: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, ActivationPartial]:
+    """Token norms (float64), the top-byte histogram (d, 256), the raw bits column by column (d, n) and
+    the per-value statistics: what kernels.token_norms, radix.byte_histogram(x, 0, ...) and
+    activations.activation_partial compute, and the input of `count_window`. `start`: the first row's
+    index in its unit."""
     bits, shift = _bits(x)
     n, d = x.shape
     norms = np.empty(n)
+    unit_sum = np.zeros(d)
     if x.dtype == np.float16:
-        _row_norms16(bits, F16_TO_F64, norms)
+        _row_norms16(bits, F16_TO_F64, norms, unit_sum)
     else:
-        _row_norms32(x, norms)
+        _row_norms32(x, norms, unit_sum)
     # a row stride that is not a power of two keeps the tiled copy free of cache-set conflicts
     columns = np.empty((d, n + 32), bits.dtype)[:, :n]
     _transpose(bits, columns)
     hist = np.zeros((d, 256), np.int64)
-    _top_histogram(columns, shift, hist)
-    return norms, hist, columns
+    abs_hist = np.zeros(KEYS, np.int32 if n * d < 2**31 else np.int64)
+    channel_bits = np.zeros(d, bits.dtype)
+    top = np.zeros(TOP_K, np.int64), np.zeros(TOP_K, np.int64), np.zeros(TOP_K, np.int64)
+    filled, low_bits = _column_pass(columns, shift, start, hist, abs_hist, channel_bits, *top)
+    as_float = np.float16 if x.dtype == np.float16 else np.float32
+    top_value = top[0][:filled].astype(bits.dtype).view(as_float).astype(np.float64)
+    keep = top_order(top_value, top[1][:filled], top[2][:filled])
+    part = ActivationPartial(unit_sum, abs_hist.astype(np.int64), not low_bits,
+                             channel_bits.view(as_float).astype(np.float64), top_value[keep], top[1][:filled][keep],
+                             top[2][:filled][keep])
+    return norms, hist, columns, part
 
 
 def count_window(columns: np.ndarray, window: Window, hist: np.ndarray) -> WindowCounts:

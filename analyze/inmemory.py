@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .activations import ActivationStats, activation_partial
 from .kernels import as_rows, low_bits_set, token_norms
 from .moments import Moments
 from .scan import UnitFacts
@@ -75,6 +76,7 @@ def finish_rows(part: Rows, facts: UnitFacts) -> InMemoryOutcome:
     raw[outliers] = median
     stats = ModalityStats(summary, median, np.bincount(ids, minlength=k).astype(np.int64),
                           np.bincount(ids, weights=norms, minlength=k), np.bincount(ids[outliers], minlength=k)
-                          .astype(np.int64), inliers, raw, passes=1)
+                          .astype(np.int64), inliers, raw, passes=1,
+                          activations=ActivationStats.finish(activation_partial(rows, norms, 0), rows.dtype))
     check = facts.key_bytes == 2 and rows.dtype.itemsize == 4
     return InMemoryOutcome(stats, check and low_bits_set(rows))

@@ -2,7 +2,8 @@
 modality): the `map` half of the reads (reads.py). Pure numpy on in-memory arrays, so any Dask
 scheduler can run them.
 
-The scan (`scan_chunk`) is the one read most analyses need: token norms (float64), the top byte of
+The scan (`scan_chunk`) is the one read most analyses need: token norms (float64), the per-value
+statistics of activations.py (the sum of the unit-normalised rows, |h| histogram, top-k), the top byte of
 every column (the first radix digit of the median), the second byte within a guessed window of top
 bytes (window.py), and the moments of the rows that are surely not outliers: rows whose norm lies
 within this chunk's own median +- inlier_spreads robust spreads. Every other row comes back raw, so
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import fused
+from .activations import activation_partial
 from .config import ReadConfig
 from .moments import BlockMoments, block_moments, gram_precision
 from .radix import byte_histogram
@@ -73,9 +75,10 @@ def scan_chunk(x, chunk: Chunk, precision: str, config: ReadConfig, check_low_bi
     x = as_rows(x)
     columns = None
     if fused.AVAILABLE:
-        norms, hist, columns = fused.scan_columns(x)
+        norms, hist, columns, activations = fused.scan_columns(x, chunk.start)
     else:
         norms, hist = token_norms(x), byte_histogram(x, 0, np.zeros(x.shape[1], np.int64))
+        activations = activation_partial(x, norms, chunk.start)
     window = choose_window(hist, chunk.samples, config)
     if columns is not None:
         counts: WindowCounts = fused.count_window(columns, window, hist)
@@ -87,7 +90,7 @@ def scan_chunk(x, chunk: Chunk, precision: str, config: ReadConfig, check_low_bi
     moments = run_moments(x, sure, chunk.runs, gram_precision(norms.max(initial=0.0), precision))
     outside = np.flatnonzero(~sure)
     return ScanPartial(norms, hist, check_low_bits and low_bits_set(x), counts, moments, sure, outside + chunk.start,
-                       x[outside], False, config).bounded()
+                       x[outside], False, config, activations).bounded()
 
 
 def run_moments(x: np.ndarray, keep: np.ndarray, runs, precision: str) -> BlockMoments:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import kernels
+from .activations import ActivationStats
 from .config import ReadConfig
 from .inmemory import finish_rows, read_rows
 from .kernels import Chunk
@@ -146,6 +147,7 @@ class Progress:
     norms: np.ndarray | None = field(default=None, repr=False)
     median: RadixState | None = None
     inliers: BlockMoments | None = None
+    activations: ActivationStats | None = None
 
     def next_read(self, precision: str, config: ReadConfig):
         """The read this unit needs next, or None when its statistics are complete."""
@@ -177,4 +179,4 @@ class Progress:
         return ModalityStats(self.summary, self.median.values, np.bincount(ids, minlength=k).astype(np.int64),
                              np.bincount(ids, weights=self.norms, minlength=k),
                              np.bincount(ids[self.outliers], minlength=k).astype(np.int64),
-                             [self.inliers.of_block(g, d) for g in range(k)], None, self.passes)
+                             [self.inliers.of_block(g, d) for g in range(k)], None, self.passes, self.activations)

@@ -10,6 +10,7 @@ import scipy.linalg as sl
 from scipy.sparse.linalg import eigsh
 from storage_schemas.schema import MODALITIES
 
+from .activations import massive_summary
 from .frechet import FrechetResult, PsdFactor, frechet_distance, symmetrize
 from .gradient import LayerGradient, layer_gradient, trace_solve
 from .moments import Moments
@@ -43,19 +44,25 @@ def layer_fd(stats: LayerStats, mode: str, weights: np.ndarray | None = None, wi
     return result, (mv, mt), (cv, ct), a, factors
 
 
-def _spectrum_stats(cov: np.ndarray, factor: PsdFactor) -> dict:
-    """Variance, participation ratio, leading eigenvalues (Lanczos), numerical rank and condition
-    number (LAPACK estimate from the Cholesky factor), without a full eigendecomposition."""
+def _spectrum_stats(cov: np.ndarray, factor: PsdFactor, gap: np.ndarray) -> dict:
+    """Variance, participation ratio, leading eigenvalues and eigenvectors (Lanczos), numerical rank and
+    condition number (LAPACK estimate from the Cholesky factor), without a full eigendecomposition; and
+    |cos| of the modality-gap vector with each leading eigenvector (principal direction)."""
     cov = symmetrize(cov)  # the finish's own array, used here last
     d = cov.shape[0]
     total = float(np.trace(cov))
     frob = float(np.einsum("ij,ij->", cov, cov))
     k = min(LEADING, d)
     if d <= 4 * LEADING:
-        top = sl.eigh(cov, eigvals_only=True, driver="evd")[::-1][:k]
+        values, vectors = sl.eigh(cov, driver="evd")
     else:
-        top = np.sort(eigsh(cov, k=k, which="LA", v0=np.ones(d), return_eigenvectors=False))[::-1]
+        values, vectors = eigsh(cov, k=k, which="LA", v0=np.ones(d))
+    order = np.argsort(values)[::-1][:k]
+    top, vectors = values[order], vectors[:, order]
+    length = float(np.linalg.norm(gap))
+    cosines = np.abs(gap @ vectors) / length if length > 0 else np.full(k, np.nan)
     return {
+        "gap_cosine": np.pad(cosines, (0, LEADING - k), constant_values=np.nan),
         "total_variance": total,
         "effective_rank": total ** 2 / frob if frob > 0 else 0.0,
         "leading_eigenvalues": np.pad(top, (0, LEADING - k), constant_values=np.nan),
@@ -69,7 +76,8 @@ def layer_summary(stats: LayerStats, mode: str) -> dict:
     norms in the archive's raw units)."""
     fd, (mv, mt), covs, a, factors = layer_fd(stats, mode, with_factors=True)
     factors = [PsdFactor(np.empty((f.y.shape[0], 0)), f.rank, f.rcond) for f in factors]  # Y no longer needed
-    spectra = [_spectrum_stats(cov, factor) for cov, factor in zip(covs, factors)]
+    gap = gap_vector(stats)
+    spectra = [_spectrum_stats(cov, factor, gap) for cov, factor in zip(covs, factors)]
     return _summary(stats, fd, mv, mt, a, spectra)
 
 
@@ -84,7 +92,8 @@ def layer_summary_and_gradient(stats: LayerStats, mode: str, precision: str) -> 
     covs = [cv, ct]
     del cv, ct
     factors = [PsdFactor.of(cov) for cov in covs]
-    spectra = [_spectrum_stats(cov, factor) for cov, factor in zip(covs, factors)]
+    gap = gap_vector(stats)
+    spectra = [_spectrum_stats(cov, factor, gap) for cov, factor in zip(covs, factors)]
     traces = tuple(s["total_variance"] for s in spectra)
     ys = [f.y for f in factors]
     del factors
@@ -102,11 +111,20 @@ def _summary(stats: LayerStats, fd: FrechetResult, mv, mt, a: float, spectra: li
            "trace_sqrt": fd.trace_sqrt, "scale": a, "route": fd.route, "negative_eigenvalue_mass": fd.negative_mass}
     cos = float(mv.mean @ mt.mean / (np.linalg.norm(mv.mean) * np.linalg.norm(mt.mean)))
     out["centroid_cosine"] = cos
+    out["gap_norm"] = float(np.linalg.norm(gap_vector(stats)))
     for name, spectrum in zip(MODALITIES, spectra):
         s = stats.modality(name)
         out[name] = {
             "tokens": s.n, "outliers": s.n_outliers, "norm_mean": s.norms.mean, "norm_median": s.norms.median,
             "norm_std": s.norms.std, "outlier_threshold": s.norms.threshold,
             "tokens_per_channel": s.n / s.d, "data_passes": s.passes, **spectrum,
+            **massive_summary(s.activations),
         }
     return out
+
+
+def gap_vector(stats: LayerStats) -> np.ndarray:
+    """Liang et al.'s modality gap: mean(v / ||v||) - mean(t / ||t||) over the raw tokens (before the
+    outlier replacement; scale-free, so the text normalisation does not enter)."""
+    v, t = stats.vision, stats.text
+    return v.activations.unit_sum / v.n - t.activations.unit_sum / t.n

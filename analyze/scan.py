@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .activations import ActivationPartial, ActivationStats
 from .config import ReadConfig
 from .errors import AnalysisError
 from .moments import BlockMoments, block_moments, gram_precision
@@ -59,6 +60,7 @@ class ScanPartial:
     raw: np.ndarray  # ... their values
     overflow: bool  # too many raw rows: dropped, the inlier moments need a second read
     config: ReadConfig
+    activations: ActivationPartial  # per-value statistics (activations.py)
 
     def bounded(self) -> "ScanPartial":
         """The same partial within the config's limits: what exceeds them is dropped and marked unknown."""
@@ -86,7 +88,7 @@ class ScanPartial:
             np.concatenate([self.norms, other.norms]), self.hist + other.hist, self.low_bits or other.low_bits,
             window, moments, np.concatenate([self.sure, other.sure]),
             np.concatenate([self.raw_index, other.raw_index]), np.concatenate([self.raw, other.raw]),
-            self.overflow or other.overflow, self.config).bounded()
+            self.overflow or other.overflow, self.config, self.activations.combine(other.activations)).bounded()
 
 
 @dataclass
@@ -99,6 +101,7 @@ class ScanOutcome:
     norms: np.ndarray
     median: RadixState  # top byte fixed, and the second byte when the window held it
     inliers: BlockMoments | None  # None: a guess missed, a second read computes them
+    activations: ActivationStats
 
     def apply(self, progress) -> None:
         if self.low_bits:
@@ -106,6 +109,7 @@ class ScanOutcome:
                         progress.facts.layer, progress.facts.modality)
         progress.summary, progress.outliers, progress.norms = self.summary, self.outliers, self.norms
         progress.median, progress.inliers = self.median, self.inliers
+        progress.activations = self.activations
 
 
 def finish_scan(scan: ScanPartial, facts: UnitFacts, precision: str) -> ScanOutcome:
@@ -132,7 +136,8 @@ def finish_scan(scan: ScanPartial, facts: UnitFacts, precision: str) -> ScanOutc
         for block, start, stop in runs(facts.sample_block[index]):
             inliers = inliers.absorb(BlockMoments({block: block_moments(raw[start:stop], keep[start:stop],
                                                                         products)}))  # the finish owns the scan
-    return ScanOutcome(scan.low_bits, summary, outliers, norms, state, inliers)
+    return ScanOutcome(scan.low_bits, summary, outliers, norms, state, inliers,
+                       ActivationStats.finish(scan.activations, facts.dtype))
 
 
 def runs(ids: np.ndarray) -> tuple[tuple[int, int, int], ...]:

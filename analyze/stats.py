@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .activations import ActivationStats
 from .moments import Moments, merge_all
 
 OUTLIER_SIGMAS = 3.0
@@ -54,6 +55,7 @@ class ModalityStats:
     block_inliers: list[Moments]  # K moments
     rows: np.ndarray | None = None  # (n, d) float64 replaced rows, only when n < d
     passes: int = 2  # passes over the data the exact median needed
+    activations: ActivationStats | None = None  # per-value statistics: gap-vector sum, |h| median, top-k
 
     @property
     def d(self) -> int:
@@ -119,5 +121,5 @@ class LayerStats:
         def one(s: ModalityStats) -> ModalityStats:
             return ModalityStats(s.norms, s.median, s.block_tokens.sum(keepdims=True),
                                  s.block_norm_sum.sum(keepdims=True), s.block_outliers.sum(keepdims=True),
-                                 [merge_all(s.block_inliers, s.d)], s.rows, s.passes)
+                                 [merge_all(s.block_inliers, s.d)], s.rows, s.passes, s.activations)
         return LayerStats(self.layer, one(self.vision), one(self.text), {**self.meta, "blocks": 1})

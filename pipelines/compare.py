@@ -14,6 +14,7 @@ import numpy as np
 
 from analyze import AnalysisError, AnalysisOptions, Runner, analyze_selection, parse_layers, resolve_samples
 from analyze.bootstrap import paired_difference
+from analyze.drift import compute_drift
 from storage_schemas import TextTokenRule, open_archive
 
 
@@ -25,11 +26,12 @@ class Comparison:
     paired: bool
     results: list  # AnalysisResult per archive
     differences: list[dict] = field(default_factory=list)
+    drift: list[dict] = field(default_factory=list)  # CKA of each archive to the first (with --cka)
 
     def to_json(self) -> dict:
         return {
             "labels": self.labels, "shared_samples": self.shared_samples, "layers": self.layers,
-            "paired_bootstrap": self.paired, "differences": self.differences,
+            "paired_bootstrap": self.paired, "differences": self.differences, "drift": self.drift,
             "archives": [{"label": lab, **{k: v for k, v in r.to_json().items() if k != "versions"}}
                          for lab, r in zip(self.labels, self.results)],
         }
@@ -46,9 +48,10 @@ def shared_sample_ids(archives) -> tuple[list[str], bool]:
 def compare_archives(locations: list[str], *, labels: list[str] | None = None, layers: str | None = None,
                      samples: str | None = None, where: str | None = None, text_tokens: str | None = None,
                      options: AnalysisOptions | None = None, runner: Runner | None = None,
-                     storage_options: dict | None = None) -> Comparison:
+                     storage_options: dict | None = None, cka: bool = False) -> Comparison:
     """`samples` and `where` choose among the first archive's samples (as in `mir analyze`); only those every
-    archive holds are compared. `text_tokens` None: the rule the archives record (they must agree)."""
+    archive holds are compared. `text_tokens` None: the rule the archives record (they must agree).
+    `cka`: also the linear CKA (and debiased CKA) of every archive's tokens to the first's (analyze/drift.py)."""
     if len(locations) < 2:
         raise AnalysisError("compare needs at least two archives")
     labels = labels or [str(loc).rstrip("/").split("/")[-1] for loc in locations]
@@ -67,14 +70,32 @@ def compare_archives(locations: list[str], *, labels: list[str] | None = None, l
     rule = _shared_rule(archives, locations, text_tokens)
     chosen = _shared_layers(archives, layers)
     runner = runner or Runner()
-    results = []
+    results, selections = [], []
     for archive in archives:
         selection = archive.select(samples=ids, layers=chosen, text_tokens=rule)
+        selections.append(selection)
         results.append(analyze_selection(selection, options, runner=runner))
     comparison = Comparison(labels, len(ids), chosen, paired, results)
+    if cka:
+        comparison.drift = [{"a": labels[0], "b": labels[i], "layers": compute_drift(
+            selections[0], selections[i], chosen, runner=runner, precision=options.precision)}
+            for i in range(1, len(selections))]
     comparison.differences = [_difference(labels[0], results[0], labels[i], results[i], options)
                               for i in range(1, len(results))]
     return comparison
+
+
+def drift_between(location_a: str, location_b: str, layers: list[int], *, text_tokens: str | None = None,
+                  runner: Runner | None = None, precision: str = "float32", storage_options: dict | None = None
+                  ) -> list[dict]:
+    """CKA per layer and modality between the tokens of the samples two archives share (analyze/drift.py)."""
+    archives = [open_archive(loc, storage_options) for loc in (location_a, location_b)]
+    ids, _ = shared_sample_ids(archives)
+    if not ids:
+        raise AnalysisError(f"{location_a} and {location_b} share no sample id; CKA needs the same samples")
+    rule = _shared_rule(archives, [str(location_a), str(location_b)], text_tokens)
+    a, b = (arc.select(samples=ids, layers=layers, text_tokens=rule) for arc in archives)
+    return compute_drift(a, b, layers, runner=runner, precision=precision)
 
 
 def _shared_rule(archives, locations: list[str], text_tokens: str | None) -> TextTokenRule:
@@ -136,6 +157,13 @@ def format_comparison(c: Comparison) -> str:
         lines.append(f"{layer:>{width}} " + " ".join(f"{float(r.dataset['fd'].sel(layer=layer)):>{width}.5g}"
                                                      for r in c.results))
     lines.append("")
+    for drift in c.drift:
+        lines.append(f"CKA of {drift['b']} to {drift['a']} (same tokens), linear / debiased:")
+        lines.append(f"{'layer':>{width}} {'vision':>17} {'text':>17}")
+        for row in drift["layers"]:
+            cells = [f"{row[m]['cka']:.4f} / {row[m]['cka_debiased']:.4f}" for m in ("vision", "text")]
+            lines.append(f"{row['layer']:>{width}} " + " ".join(f"{cell:>17}" for cell in cells))
+        lines.append("")
     for d in c.differences:
         verdict = ("no bootstrap" if d["exceeds_noise"] is None else
                    "exceeds the noise" if d["exceeds_noise"] else "within the noise")

@@ -46,15 +46,31 @@ def plot_layer_curve(ds: xr.Dataset, path: str | Path, title: str | None = None)
 
 def plot_mir_by_step(rows: list[dict], path: str | Path) -> Path:
     """MIR against training step, with bootstrap intervals where the study computed them; below it, each
-    checkpoint's difference from the previous one with its paired interval, when there is one."""
+    checkpoint's difference from the previous one with its paired interval, when there is one; and its
+    linear CKA (mean over layers) to the previous and to the first checkpoint, when the study has them."""
     plt = _pyplot()
     rows = [r for r in rows if r["mir"] is not None]
     xs = [r["step"] if r["step"] is not None else i for i, r in enumerate(rows)]
     ys = [r["mir"] for r in rows]
     diffs = [(x, r) for x, r in zip(xs, rows) if r.get("diff_ci_low") is not None]
+    with_cka = any(r.get(f"cka_{w}_{m}") is not None for r in rows for w in ("previous", "first")
+                   for m in ("vision", "text"))
+    ratios = [2] + [1] * (bool(diffs) + with_cka)
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(7, 3.8 + 1.9 * (len(ratios) - 1)), sharex=True,
+                             constrained_layout=True, gridspec_kw={"height_ratios": ratios}, squeeze=False)
+    ax, others = axes[0, 0], [a[0] for a in axes[1:]]
+    if with_cka:
+        panel = others.pop()
+        for (which, style), (m, color) in [(w, c) for w in (("previous", "-"), ("first", "--"))
+                                           for c in (("vision", "tab:blue"), ("text", "tab:orange"))]:
+            pts = [(x, r[f"cka_{which}_{m}"]) for x, r in zip(xs, rows) if r.get(f"cka_{which}_{m}") is not None]
+            if pts:
+                panel.plot(*zip(*pts), style, marker=".", color=color, label=f"{m} CKA to the {which} checkpoint")
+        panel.set_ylabel("linear CKA\n(mean over layers)")
+        panel.grid(alpha=0.3)
+        panel.legend(fontsize=7)
     if diffs:
-        fig, (ax, low) = plt.subplots(2, 1, figsize=(7, 5.6), sharex=True, constrained_layout=True,
-                                      gridspec_kw={"height_ratios": [2, 1]})
+        low = others.pop()
         dy = [r["diff_prev"] for _, r in diffs]
         err = [[y - r["diff_ci_low"] for y, (_, r) in zip(dy, diffs)],
                [r["diff_ci_high"] - y for y, (_, r) in zip(dy, diffs)]]
@@ -63,8 +79,6 @@ def plot_mir_by_step(rows: list[dict], path: str | Path) -> Path:
         low.axhline(0.0, color="grey", lw=0.8)
         low.set_ylabel("change")
         low.legend(fontsize=7)
-    else:
-        fig, ax = plt.subplots(figsize=(7, 3.8), constrained_layout=True)
     if all(r.get("ci_low") is not None for r in rows) and rows:
         err = [[y - r["ci_low"] for y, r in zip(ys, rows)], [r["ci_high"] - y for y, r in zip(ys, rows)]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label="MIR (95% bootstrap CI)")
@@ -72,7 +86,7 @@ def plot_mir_by_step(rows: list[dict], path: str | Path) -> Path:
         ax.plot(xs, ys, marker="o", label="MIR")
     for x, y, r in zip(xs, ys, rows):
         ax.annotate(r["checkpoint"], (x, y), textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
-    ax.set_xlabel("training step" if all(r["step"] is not None for r in rows) else "checkpoint")
+    axes[-1, 0].set_xlabel("training step" if all(r["step"] is not None for r in rows) else "checkpoint")
     ax.set_ylabel("MIR (lower = better integrated)")
     return _finish(fig, ax, path)
 

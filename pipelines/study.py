@@ -43,6 +43,7 @@ class CheckpointOutcome:
     extracted: bool = False
     analyzed: bool = False
     result: dict | None = None
+    drift: dict | None = None  # {"previous": per-layer CKA rows or None, "first": ...} when [study] cka = true
 
 
 def archive_state(path: Path) -> str:
@@ -160,6 +161,8 @@ def run_study(config: StudyConfig, *, jobs: int = 1, devices: list[str] | None =
         tmp.replace(result_path)  # a killed study never leaves a half-written result
         outcome.result, outcome.analyzed = result, True
 
+    if config.cka:
+        study_drift(config, outcomes, results, scheduler, echo)
     write_summary(out, outcomes)
     if failures:
         raise StudyError("\n".join(failures))
@@ -189,6 +192,60 @@ def analyze_checkpoint(params: dict, name: str):
         runner.close()
 
 
+def study_drift(config: StudyConfig, outcomes: list[CheckpointOutcome], results: Path, scheduler: str | None,
+                echo: Callable[[str], None]) -> None:
+    """CKA of every analysed checkpoint to the previous analysed one and to the first (analyze/drift.py),
+    on the samples both archives hold, the layers both analyses used and the [analyze] text-token rule."""
+    from analyze import Runner
+
+    done = [o for o in outcomes if o.result is not None]
+    if not done:
+        return
+    _, params = _analyze_params(config, done[0].archive, scheduler)
+    runner = Runner(params.get("scheduler"), workers=params.get("workers"))
+    try:
+        for i, o in enumerate(done):
+            o.drift = {"previous": None, "first": None}
+            if i:
+                o.drift["previous"] = _pair_drift(done[i - 1], o, params, runner, results, echo)
+                o.drift["first"] = _pair_drift(done[0], o, params, runner, results, echo)
+    finally:
+        runner.close()
+
+
+def _pair_drift(a: CheckpointOutcome, b: CheckpointOutcome, params: dict, runner, results: Path,
+                echo: Callable[[str], None]) -> list[dict]:
+    """CKA rows of b to a, cached in results/ under both archives' fingerprints and the settings."""
+    from analyze import AnalysisError
+    from analyze.drift import DRIFT_VERSION
+
+    from .compare import drift_between
+
+    layers = sorted(set(a.result["settings"]["layers"]) & set(b.result["settings"]["layers"]))
+    key = {"a": open_archive(a.archive).fingerprint, "b": open_archive(b.archive).fingerprint, "layers": layers,
+           "text_tokens": params.get("text_tokens"), "precision": params["precision"], "version": DRIFT_VERSION}
+    path = results / f"cka-{a.checkpoint.name}-{b.checkpoint.name}.json"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if cached.get("key") == key:
+        return cached["layers"]
+    echo(f"CKA of {b.checkpoint.name} to {a.checkpoint.name}")
+    try:
+        rows = drift_between(str(a.archive), str(b.archive), layers, text_tokens=params.get("text_tokens"),
+                             runner=runner, precision=params["precision"])
+    except (ArchiveError, AnalysisError) as exc:
+        raise StudyError(f"CKA of {b.checkpoint.name} to {a.checkpoint.name} failed: {exc}") from exc
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "layers": rows}, indent=1))
+    tmp.replace(path)  # a killed study never leaves a half-written file
+    return rows
+
+
+def _mean_cka(rows: list[dict] | None, modality: str) -> float | None:
+    """Linear CKA averaged over the layers (None without CKA rows)."""
+    values = [r[modality]["cka"] for r in rows or [] if r[modality]["cka"] is not None]
+    return sum(values) / len(values) if values else None
+
+
 def summary_rows(outcomes: list[CheckpointOutcome]) -> list[dict]:
     """One row per analysed checkpoint: MIR and its interval, and its difference from the previous
     analysed checkpoint with an interval paired by sample id (when both ran with --bootstrap)."""
@@ -204,6 +261,10 @@ def summary_rows(outcomes: list[CheckpointOutcome]) -> list[dict]:
             "fd": {str(layer["layer"]): layer["fd"] for layer in r["layers"]},
             **_difference_from(previous, r),
         }
+        if o.drift is not None:
+            row["cka"] = o.drift
+            row.update({f"cka_{which}_{m}": _mean_cka(o.drift[which], m)
+                        for which in ("previous", "first") for m in ("vision", "text")})
         rows.append(row)
         previous = r
     return rows
@@ -236,16 +297,18 @@ def write_summary(out: Path, outcomes: list[CheckpointOutcome]) -> list[dict]:
     rows = summary_rows(outcomes)
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     layers = sorted({int(k) for row in rows for k in row["fd"]})
+    cka = [f"cka_{w}_{m}" for w in ("previous", "first") for m in ("vision", "text")] \
+        if any("cka" in row for row in rows) else []
     with open(out / "summary.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["step", "checkpoint", "mir", "ci_low", "ci_high", "mode", "n_samples"]
-                        + list(DIFFERENCE_FIELDS) + [f"fd_layer_{k}" for k in layers])
+                        + list(DIFFERENCE_FIELDS) + [f"fd_layer_{k}" for k in layers] + cka)
         for row in rows:
             flag = row["diff_exceeds_noise"]
             writer.writerow([row["step"], row["checkpoint"], _num(row["mir"]), _num(row["ci_low"]),
                              _num(row["ci_high"]), row["mode"], row["n_samples"], _num(row["diff_prev"]),
                              _num(row["diff_ci_low"]), _num(row["diff_ci_high"]), "" if flag is None else str(flag)]
-                            + [_num(row["fd"].get(str(k))) for k in layers])
+                            + [_num(row["fd"].get(str(k))) for k in layers] + [_num(row.get(c)) for c in cka])
     if rows:
         from .plots import plot_mir_by_step
         plot_mir_by_step(rows, out / "mir_by_step.png")

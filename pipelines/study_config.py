@@ -4,6 +4,7 @@
     out = "study-out"                       # archives/, results/, summary.csv, summary.json, mir.png
     checkpoints = "run/checkpoint-*"        # a glob, or a list of globs / directories
     step_pattern = '(\\d+)$'                # regex on the directory name; group 1 is the step
+    cka = true                              # also CKA of each checkpoint to the previous and the first
     # or explicit steps:  [[study.checkpoint]]  path = "run/ckpt-a"  step = 1000
 
     [extract]                               # any `mir extract` option, '-' or '_' in names
@@ -54,6 +55,7 @@ class StudyConfig:
     checkpoints: list[Checkpoint]
     extract: dict = field(default_factory=dict)
     analyze: dict = field(default_factory=dict)
+    cka: bool = False  # linear / debiased CKA to the previous and the first checkpoint (analyze/drift.py)
 
 
 def _norm(table: dict) -> dict:
@@ -141,5 +143,8 @@ def load_study(path: str | Path) -> StudyConfig:
     if "model" in extract or "out" in extract:
         raise StudyConfigError(f"{source}: [extract] must not set 'model' or 'out': the study sets them per "
                                "checkpoint")
+    cka = study.get("cka", False)
+    if not isinstance(cka, bool):
+        raise StudyConfigError(f"{source}: [study] cka must be true or false, not {cka!r}")
     return StudyConfig(source=source, out=Path(_resolve(base, study.get("out", "study-out"))),
-                       checkpoints=checkpoints, extract=extract, analyze=_norm(raw.get("analyze", {})))
+                       checkpoints=checkpoints, extract=extract, analyze=_norm(raw.get("analyze", {})), cka=cka)

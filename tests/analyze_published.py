@@ -12,20 +12,26 @@ import re
 
 import numpy as np
 import xarray as xr
-from analyze_reference import layer_numbers
+import analyze_reference_beyond as beyond
+from analyze_reference import layer_fd, layer_numbers
 from analyze_reference_bootstrap import published_bootstrap
 
 FD_RTOL = 1e-5  # float32 Gram products on centred data
 EXACT, RAW, FD_SHARE, COSINE, SPECTRUM, CONDITION, PASSES, NEGATIVE = (
     "exact", "raw", "fd-share", "cosine", "spectrum", "condition", "passes", "negative")
 
+DIRECTION, LIST = "direction", "list"
 PUBLISHED_LAYER = {"layer": EXACT, "fd": SPECTRUM, "fd_mean_term": FD_SHARE, "fd_covariance_term": FD_SHARE,
                    "trace_sqrt": SPECTRUM, "scale": RAW, "route": EXACT, "centroid_cosine": COSINE,
-                   "negative_eigenvalue_mass": NEGATIVE}
+                   "negative_eigenvalue_mass": NEGATIVE, "gap_norm": RAW}
 PUBLISHED_MODALITY = {"tokens": EXACT, "outliers": EXACT, "norm_mean": RAW, "norm_median": RAW, "norm_std": RAW,
                       "outlier_threshold": RAW, "tokens_per_channel": RAW, "total_variance": SPECTRUM,
                       "effective_rank": SPECTRUM, "leading_eigenvalues": SPECTRUM, "numerical_rank": EXACT,
-                      "condition_number": CONDITION, "data_passes": PASSES}
+                      "condition_number": CONDITION, "data_passes": PASSES, "gap_cosine": DIRECTION,
+                      "abs_median": RAW, "abs_median_exact": EXACT, "massive_channels_100x": EXACT,
+                      "massive_channels_1000x": EXACT, "massive_channel_list": EXACT, "top_abs": LIST,
+                      "top_abs_ratio": LIST, "top_channel": LIST, "top_sample": LIST, "top_position": LIST,
+                      "top_role": LIST}
 PUBLISHED_TOP = {"mir", "mode", "n_samples", "n_vision_tokens", "n_text_tokens", "layers", "bootstrap", "warnings",
                  "settings", "cache", "elapsed_s", "versions"}
 
@@ -41,6 +47,8 @@ def reference_document(selection, bootstrap: dict | None = None) -> dict:
     """What the JSON should say. `bootstrap`: {"replicates", "seed"} when one was asked for."""
     inputs = reference_inputs(selection)
     layers = [layer_numbers(v, t, int(layer)) for layer, (v, _, t, _) in zip(selection.layers, inputs)]
+    for ref, (v, _, t, _) in zip(layers, inputs):
+        add_beyond_numbers(ref, selection, v, t)
     doc = {"mir": math.log10(sum(r["fd"] for r in layers)), "n_samples": len(selection.sample_index),
            "n_vision_tokens": len(inputs[0][0]), "n_text_tokens": len(inputs[0][2]), "layers": layers}
     if bootstrap:
@@ -50,8 +58,36 @@ def reference_document(selection, bootstrap: dict | None = None) -> dict:
     return doc
 
 
+def add_beyond_numbers(ref: dict, selection, v: np.ndarray, t: np.ndarray) -> None:
+    """The modality gap and massive activations of one layer (analyze_reference_beyond.py) into ref."""
+    gap = beyond.gap_vector(v, t)
+    ref["gap_norm"] = float(np.linalg.norm(gap))
+    ids = selection.archive.samples.sample_id.values
+    cov = layer_fd(v.astype(np.float64), t.astype(np.float64))
+    for m, x, c in (("vision", v, cov["cov_v"]), ("text", t, cov["cov_t"])):
+        view = getattr(selection, m)
+        roles = (["image"] * len(x) if m == "vision" else
+                 [beyond.ROLE_NAMES[r] for r in view["role"].values.astype(int)])
+        ref[m]["gap_cosine"] = beyond.gap_cosines(gap, c)
+        ref[m].update(beyond.massive_numbers(x, ids[view["sample"].values], view["position"].values, roles))
+
+
+def _plain_list(value) -> list:
+    return [v.decode() if isinstance(v, bytes) else v for v in np.asarray(value).tolist()]
+
+
 def _close(kind: str, got, want, fd: float, where: str, rtol: float = FD_RTOL) -> None:
-    if kind == EXACT:
+    if isinstance(got, bytes):
+        got = got.decode()
+    if kind == LIST:  # top-k entries: stored values and their tokens, exactly (ties broken alike)
+        g, w = _plain_list(got), _plain_list(want)
+        g = [x for x in g if x not in ("", -1, None) and x == x]  # padding beyond the values held
+        w = [x if not isinstance(x, float) else float(x) for x in w]
+        assert g == w[:len(g)] and len(g) == min(len(w), 10), (where, got, want)
+    elif kind == DIRECTION:  # cosines with eigenvectors of covariances from float32 products
+        g, w = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        assert g.shape == w.shape and np.allclose(g, w, atol=1e-3, equal_nan=True), (where, got, want)
+    elif kind == EXACT:
         assert got == want, (where, got, want)
     elif kind == RAW:  # float64 from exact squares of stored values
         assert math.isclose(got, want, rel_tol=1e-10), (where, got, want)
@@ -218,11 +254,15 @@ def check_stats_table(text: str, ref: dict) -> None:
         p = line.split()
         if p[0] == "cross":
             r = by_layer[layer]
-            m = re.search(r"scale a (\S+); FD (\S+) = mean term (\S+) \+ covariance term (\S+); centroid cosine (\S+)",
-                          line)
+            m = re.search(r"scale a (\S+); FD (\S+) = mean term (\S+) \+ covariance term (\S+); "
+                          r"centroid cosine ([^;\s]+)", line)
             for got, want in zip(m.groups()[:4], (r["scale"], r["fd"], r["fd_mean_term"], r["fd_covariance_term"])):
                 assert abs(float(got) - want) <= 1e-4 * abs(want) + FD_RTOL * r["fd"], (line, want)
             assert abs(float(m.group(5)) - r["centroid_cosine"]) <= 1e-4, line
+            g = re.search(r"gap \|\|d\|\| (\S+), \|cos\| with PC1 vision (\S+) text (\S+)$", line).groups()
+            assert abs(float(g[0]) - r["gap_norm"]) <= 1e-4 * r["gap_norm"] + 1e-4, line
+            assert abs(float(g[1]) - r["vision"]["gap_cosine"][0]) <= 2e-3, line
+            assert abs(float(g[2]) - r["text"]["gap_cosine"][0]) <= 2e-3, line
             seen.add((layer, "cross"))
             continue
         layer, mod = int(p[0]), p[1]
@@ -235,5 +275,8 @@ def check_stats_table(text: str, ref: dict) -> None:
         cond = _num(p[10])
         assert (math.isinf(want["condition_number"]) and math.isnan(cond)) or \
             0.3 * want["condition_number"] <= cond <= 1.001 * want["condition_number"], line
+        assert math.isclose(_num(p[11]), want["abs_median"], rel_tol=1e-4), line
+        assert math.isclose(_num(p[12]), want["top_abs_ratio"][0], rel_tol=1e-4), line
+        assert p[13] == f"{want['massive_channels_100x']}/{want['massive_channels_1000x']}", line
         seen.add((layer, mod))
     assert seen == {(r["layer"], m) for r in ref["layers"] for m in ("vision", "text", "cross")}

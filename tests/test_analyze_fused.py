@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analyze import fused, kernels
+from analyze.activations import activation_partial
 from analyze.config import ReadConfig
 from analyze.radix import byte_histogram
 from analyze.window import choose_window, count_window
@@ -37,8 +38,14 @@ def _block(seed: int, n: int, d: int, dtype: str, special: bool) -> np.ndarray:
        dtype=st.sampled_from(["float16", "float32", "bf16"]), special=st.booleans())
 def test_compiled_scan_equals_numpy(seed, n, d, dtype, special):
     x = _block(seed, n, d, dtype, special and dtype == "float16")
-    norms, hist, columns = fused.scan_columns(x)
+    norms, hist, columns, act = fused.scan_columns(x, 7)
     np.testing.assert_allclose(norms, kernels.token_norms(x), rtol=1e-13, atol=0)
+    want_act = activation_partial(x, kernels.token_norms(x), 7)
+    assert np.array_equal(act.abs_hist, want_act.abs_hist) and act.exact == want_act.exact
+    assert np.array_equal(act.channel_max, want_act.channel_max)
+    for name in ("top_value", "top_row", "top_channel"):  # the same entries, ties broken the same way
+        assert np.array_equal(getattr(act, name), getattr(want_act, name)), name
+    np.testing.assert_allclose(act.unit_sum, want_act.unit_sum, rtol=1e-10, atol=1e-10 * max(1, n))
     assert np.array_equal(hist, byte_histogram(x, 0, np.zeros(d, np.int64)))
     window = choose_window(hist)
     got, want = fused.count_window(columns, window, hist), count_window(x, window)
@@ -64,6 +71,8 @@ def test_scan_block_same_either_way(monkeypatch):
     for gid in (0, 1):
         a, b = compiled.moments.by_block[gid], plain.moments.by_block[gid]
         assert a.n == b.n and np.array_equal(a.mean, b.mean) and np.array_equal(a.m2, b.m2)
+    for name in ("abs_hist", "channel_max", "top_value", "top_row", "top_channel"):
+        assert np.array_equal(getattr(compiled.activations, name), getattr(plain.activations, name)), name
 
 
 def test_numpy_kernels_can_be_forced():

@@ -122,3 +122,28 @@ def test_shared_archive_over_http_and_s3_gives_the_same_mir(archives, tmp_path, 
         upload_dir(a, "s3://lab/runs/a.zarr", options)
         assert _mir("s3://lab/runs/a.zarr", storage_options=options) == pytest.approx(local, abs=1e-7)
     assert any((tmp_path / "cache").rglob("*")), "read-only sources keep their statistics cache locally"
+
+
+def test_compare_cka_of_the_same_tokens(archives, tmp_path):
+    """`mir compare --cka`: per layer and modality, CKA of each archive to the first, equal to the n x n
+    float64 definitions on the tokens read; a constant shift of the vision tokens (archive b) moves MIR
+    but leaves CKA near 1 (it centres the features), and the table prints both forms."""
+    from analyze_reference_beyond import linear_cka
+
+    a, a2, b = archives
+    result = CliRunner().invoke(main, ["compare", str(a), str(a2), str(b), "--bootstrap", "0", "--layers", "1,3",
+                                       "--cka", "--json", str(tmp_path / "c.json")])
+    assert result.exit_code == 0, result.output
+    assert "CKA of b.zarr to a.zarr (same tokens), linear / debiased" in result.stdout
+    drift = json.loads((tmp_path / "c.json").read_text())["drift"]
+    assert [(d["a"], d["b"]) for d in drift] == [("a.zarr", "a_again.zarr"), ("a.zarr", "b.zarr")]
+    sel_a, sel_b = open_archive(a).select(layers=[1, 3]), open_archive(b).select(layers=[1, 3])
+    for i, row in enumerate(drift[1]["layers"]):
+        for m in ("vision", "text"):
+            x = getattr(sel_a, m).data[i].compute()
+            y = getattr(sel_b, m).data[i].compute()
+            want = linear_cka(x, y)
+            assert abs(row[m]["cka"] - want[0]) <= 1e-5 and abs(row[m]["cka_debiased"] - want[1]) <= 1e-5
+        assert row["vision"]["cka"] > 0.99 and row["text"]["cka"] == pytest.approx(1.0, abs=1e-6)
+    assert all(abs(row[m][k] - 1) <= 1e-6 for row in drift[0]["layers"] for m in ("vision", "text")
+               for k in ("cka", "cka_debiased"))

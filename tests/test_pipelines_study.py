@@ -114,3 +114,48 @@ def test_study_config_errors_are_clear(study_dir):
     config.write_text(text.replace("batch-sise = 2", "batch-size = \"two\""))
     result = CliRunner().invoke(main, ["study", str(config)])
     assert result.exit_code != 0 and "[extract]" in result.output and "two" in result.output
+
+
+def test_study_cka_to_previous_and_first(tmp_path):
+    """[study] cka = true over archives made already: per checkpoint the CKA rows to the previous and the
+    first checkpoint equal analyze.drift between those archives, the CSV carries their layer means, the
+    plot has the panel, and a re-run reuses the cached pairs."""
+    import numpy as np
+
+    from analyze.drift import compute_drift
+    from storage_schemas import ArchiveWriter, open_archive
+    from storage_schemas.synth import synthetic_records
+
+    spec = dict(layers=2, hidden=16, samples=8, vision_tokens=6, text_tokens=5)
+    rng = np.random.default_rng(0)
+    for step, noise in ((10, 0.0), (20, 0.5), (30, 1.5)):  # the same tokens, drifting values
+        with ArchiveWriter.create(tmp_path / f"step-{step}.zarr", layers=range(3), hidden_size=16, dtype="float16",
+                                  attrs={}) as writer:
+            for rec in synthetic_records(seed=0, **spec):
+                for name in ("vision", "text_hidden"):
+                    x = getattr(rec, name).astype("float32")
+                    setattr(rec, name, (x + noise * rng.normal(0, 1, x.shape) * x.std()).astype("float16"))
+                writer.append([rec])
+    config = tmp_path / "study.toml"
+    config.write_text('[study]\nout = "out"\narchives = "step-*.zarr"\ncka = true\n[analyze]\nno-cache = true\n')
+    first = CliRunner().invoke(main, ["study", str(config)])
+    assert first.exit_code == 0, first.output
+    assert "CKA of step-30 to step-20" in first.output and "CKA of step-30 to step-10" in first.output
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert rows[0]["cka"] == {"previous": None, "first": None}
+
+    def direct(a, b):
+        return compute_drift(open_archive(tmp_path / f"step-{a}.zarr").select(),
+                             open_archive(tmp_path / f"step-{b}.zarr").select(), [1, 2])
+    for row, prev, first_step in ((rows[1], 10, 10), (rows[2], 20, 10)):
+        for which, other in (("previous", prev), ("first", first_step)):
+            want = direct(other, row["step"])
+            for got_layer, want_layer in zip(row["cka"][which], want):
+                for m in ("vision", "text"):
+                    assert got_layer[m]["cka"] == pytest.approx(want_layer[m]["cka"], abs=1e-12)
+        assert row["cka_previous_text"] == pytest.approx(sum(r["text"]["cka"] for r in row["cka"]["previous"]) / 2)
+    header = (tmp_path / "out" / "summary.csv").read_text().splitlines()[0].split(",")
+    assert header[-4:] == ["cka_previous_vision", "cka_previous_text", "cka_first_vision", "cka_first_text"]
+    assert (tmp_path / "out" / "mir_by_step.png").stat().st_size > 0
+    again = CliRunner().invoke(main, ["study", str(config)])
+    assert again.exit_code == 0 and "CKA of" not in again.output

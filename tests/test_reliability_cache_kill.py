@@ -99,7 +99,7 @@ def test_cache_entry_missing_a_chunk_file_is_recomputed_not_read_as_zeros(setup,
     assert _analyze(archive)["mir"] == setup["uncached"]["mir"]
     entry = next((archive / GROUP).glob("*-L1-*"))
     files = sorted(str(p.relative_to(entry)) for p in entry.rglob("*") if p.is_file() and "/c/" in str(p))
-    assert len(files) == 14  # 7 arrays per modality, every chunk stored
+    assert len(files) == 18  # 9 arrays per modality, every chunk stored
     for relpath in files:
         (entry / relpath).unlink()
         later = _analyze(archive)

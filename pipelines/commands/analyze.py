@@ -118,7 +118,8 @@ def _stats_table(result) -> str:
     ds = result.dataset
     lines = [_header(result).split("; trace")[0]]
     lines.append(f"{'layer':>5} {'modality':>8} {'tokens':>8} {'norm mean':>11} {'norm med':>11} {'norm std':>11} "
-                 f"{'outliers':>8} {'tot. var':>11} {'eff. rank':>9} {'top eig':>11} {'cond':>9}")
+                 f"{'outliers':>8} {'tot. var':>11} {'eff. rank':>9} {'top eig':>11} {'cond':>9} {'median |h|':>11} "
+                 f"{'max/median':>11} {'massive':>9}")
     for layer in ds["layer"].values:
         s = ds.sel(layer=layer)
         for m in MODALITIES:
@@ -126,8 +127,12 @@ def _stats_table(result) -> str:
             lines.append(f"{layer:>5} {m:>8} {int(v['tokens']):>8} {_fmt(float(v['norm_mean']))} "
                          f"{_fmt(float(v['norm_median']))} {_fmt(float(v['norm_std']))} {int(v['outliers']):>8} "
                          f"{_fmt(float(v['total_variance']))} {float(v['effective_rank']):>9.2f} "
-                         f"{_fmt(float(v['leading_eigenvalues'][0]))} {_fmt(float(v['condition_number']), 9)}")
+                         f"{_fmt(float(v['leading_eigenvalues'][0]))} {_fmt(float(v['condition_number']), 9)} "
+                         f"{_fmt(float(v['abs_median']))} {_fmt(float(v['top_abs_ratio'][0]))} "
+                         f"{int(v['massive_channels_100x']):>4}/{int(v['massive_channels_1000x']):<4}")
         lines.append(f"{'':>5} {'cross':>8} scale a {float(s['scale']):.5g}; FD {float(s['fd']):.5g} = mean term "
                      f"{float(s['fd_mean_term']):.5g} + covariance term {float(s['fd_covariance_term']):.5g}; "
-                     f"centroid cosine {float(s['centroid_cosine']):.4f}")
+                     f"centroid cosine {float(s['centroid_cosine']):.4f}; gap ||d|| {float(s['gap_norm']):.4f}, "
+                     f"|cos| with PC1 vision {float(s['gap_cosine'].sel(modality='vision')[0]):.4f} text "
+                     f"{float(s['gap_cosine'].sel(modality='text')[0]):.4f}")
     return "\n".join(lines)

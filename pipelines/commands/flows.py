@@ -93,12 +93,14 @@ def study(config, jobs, devices, scheduler, report_path, log_targets):
 @selection_options
 @trace_options(bootstrap_default=200)
 @click.option("--label", "labels", multiple=True, help="A name per archive (default: folder names).")
+@click.option("--cka", is_flag=True, help="Also linear CKA and debiased CKA per layer and modality between the "
+              "same tokens of each archive and the first (one more read of both archives).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Plot the per-layer curves together (PNG).")
 @click.option("--log", "log_targets", multiple=True, metavar="KIND:WHERE", callback=_log_targets,
               help="Log MIR, its interval, per-layer FDs and the settings to tensorboard:DIR or mlflow:URI "
                    "(repeatable).")
-def compare(archives, labels, layers, samples, where, text_tokens, scheduler, workers, memory_limit, precision,
+def compare(archives, labels, cka, layers, samples, where, text_tokens, scheduler, workers, memory_limit, precision,
             no_cache, cache_dir, progress, json_path, plot_path, log_targets, **trace):
     """Analyse several ARCHIVES on the sample ids they share, side by side, with the noise of each difference.
 
@@ -109,7 +111,7 @@ def compare(archives, labels, layers, samples, where, text_tokens, scheduler, wo
                                **trace)
     with analysis_run(scheduler, workers, progress) as runner:
         result = compare_archives(list(archives), labels=list(labels) or None, layers=layers, samples=samples,
-                                  where=where, text_tokens=text_tokens, options=options, runner=runner)
+                                  where=where, text_tokens=text_tokens, options=options, runner=runner, cka=cka)
     from pipelines.trackers import log_comparison
     log_comparison(log_targets, result, archives)
     text = json.dumps(result.to_json(), indent=2)
