@@ -16,9 +16,9 @@ import numpy as np
 
 from .config import ReadConfig
 from .errors import AnalysisError
-from .moments import BlockMoments, block_moments, gram_precision
+from .moments import BlockMoments, block_moments, gram_precision, merge_all
 from .radix import RadixState
-from .stats import NormSummary
+from .stats import OUTLIER_RULES, NormSummary, rule_outliers
 from .window import WindowCounts
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class UnitFacts:
     sample_block: np.ndarray  # (n,) bootstrap sample block of every token
     sample_row: np.ndarray  # (n,) archive sample row of every token (for error messages)
     sample_blocks: int  # K
+    rules: bool = False  # also the moments under the alternative outlier rules (stats.OUTLIER_RULES)
 
     def check_finite(self, norms: np.ndarray) -> None:
         bad = ~np.isfinite(norms)
@@ -92,13 +93,14 @@ class ScanOutcome:
     norms: np.ndarray
     median: RadixState  # top byte fixed, and the second byte when the window held it
     inliers: BlockMoments | None  # None: a guess missed, a second read computes them
+    rules: dict | None = None  # rule -> (outliers, non-outlier moments); None: not asked, or a second read
 
     def apply(self, progress) -> None:
         if self.low_bits:
             log.warning("layer %s %s: the archive says bfloat16 but low 16 bits are set; using all 32 bits",
                         progress.facts.layer, progress.facts.modality)
         progress.summary, progress.outliers, progress.norms = self.summary, self.outliers, self.norms
-        progress.median, progress.inliers = self.median, self.inliers
+        progress.median, progress.inliers, progress.rules = self.median, self.inliers, self.rules
 
 
 def finish_scan(scan: ScanPartial, facts: UnitFacts, precision: str) -> ScanOutcome:
@@ -125,7 +127,20 @@ def finish_scan(scan: ScanPartial, facts: UnitFacts, precision: str) -> ScanOutc
         for block, start, stop in runs(facts.sample_block[index]):
             inliers = inliers.combine(BlockMoments({block: block_moments(raw[start:stop], keep[start:stop],
                                                                          products)}))
-    return ScanOutcome(scan.low_bits, summary, outliers, norms, state, inliers)
+    rules = _rule_moments(scan, facts, gram_precision(summary.maximum, precision)) if facts.rules else None
+    return ScanOutcome(scan.low_bits, summary, outliers, norms, state, inliers, rules)
+
+
+def _rule_moments(scan: ScanPartial, facts: UnitFacts, products: str) -> dict | None:
+    """Moments of the non-outlier rows of each alternative rule from the sure rows' moments and the raw rows,
+    when every sure row is an inlier under that rule too; else None (a second read computes them)."""
+    flags = [rule_outliers(rule, scan.norms) for rule in OUTLIER_RULES]
+    if scan.overflow or any(np.any(f & scan.sure) for f in flags):
+        return None
+    d = scan.hist.shape[0]
+    sure = merge_all(list(scan.moments.by_block.values()), d)
+    return {rule: (int(f.sum()), sure.merge(block_moments(scan.raw, ~f[scan.raw_index], products)))
+            for rule, f in zip(OUTLIER_RULES, flags)}
 
 
 def runs(ids: np.ndarray) -> tuple[tuple[int, int, int], ...]:

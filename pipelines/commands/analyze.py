@@ -46,9 +46,19 @@ def _fmt(x: float, width: int = 11) -> str:
     return f"{x:>{width}.5g}"
 
 
+def sensitivity_option(fn):
+    """The opt-in statistics that cost extra full trace solves per layer (analyze/extrapolate.py)."""
+    return click.option("--sensitivity", is_flag=True,
+                        help="Also FD-infinity / MIR-infinity (FD at N/4, N/2, 3N/4 and N samples of seeded sample "
+                             "groups, fitted as FD_inf + k/N) and MIR without outlier replacement and with the "
+                             "reference code's IQR rule: 5 more trace solves per layer, and 6 more d x d "
+                             "statistics per layer and modality in memory and cache.")(fn)
+
+
 @click.command("analyze")
 @selection_options
 @trace_options(bootstrap_default=0)
+@sensitivity_option
 @click.option("--netcdf", "netcdf_path", default=None, type=click.Path(dir_okay=False),
               help="Write the per-layer xarray Dataset as netCDF.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
@@ -102,6 +112,7 @@ def format_result(result) -> str:
 
 @click.command("stats")
 @selection_options
+@sensitivity_option
 def stats_cmd(json_path, **kwargs):
     """Per-layer, per-modality distribution statistics of ARCHIVES: norms, outliers, variance, spectrum."""
     result = run_analysis(**kwargs)
