@@ -251,6 +251,12 @@ def check_analyze_table(text: str, ref: dict) -> None:
         for got, name in ((low, "ci_low"), (high, "ci_high")):  # as FDs (see check_bootstrap); 6 decimals printed
             w = 10 ** boot[name]
             assert abs(10 ** float(got) - w) <= FD_RTOL * (scale + w) + 3e-6 * w, (got, name)
+    assert math.isclose(float(re.search(r"mean FD per layer (\S+?);?\s", text + " ").group(1)), ref["fd_layer_mean"],
+                        rel_tol=1e-5)
+    if "sensitivity" in ref:
+        for label, name in (("MIR-infinity", "mir_infinity"), ("without outlier replacement", "mir_no_replacement"),
+                            ("IQR rule", "mir_iqr_rule")):
+            _close_log(_num(re.search(label + r" (\S+?)[,\n]", text + "\n").group(1)), ref["sensitivity"][name], label)
     rows = {int(p[0]): p for p in (line.split() for line in text.splitlines()) if p and p[0].isdigit()}
     assert sorted(rows) == [r["layer"] for r in ref["layers"]]
     for r in ref["layers"]:
@@ -258,6 +264,10 @@ def check_analyze_table(text: str, ref: dict) -> None:
         for got, want in zip(p[1:5], (r["fd"], r["fd_mean_term"], r["fd_covariance_term"], r["scale"])):
             assert abs(_num(got) - want) <= 1e-4 * abs(want) + FD_RTOL * r["fd"], (p, want)
         assert p[5] == f"{r['vision']['outliers']}/{r['text']['outliers']}" and p[6] == r["route"]
+        assert abs(float(p[7]) - r["fd_share"]) <= 6e-5, (p, r["fd_share"])
+        if "sensitivity" in ref:
+            for got, name in zip(p[8:11], ("fd_infinity", "fd_no_replacement", "fd_iqr_rule")):
+                assert abs(_num(got) - r[name]) <= 1e-4 * abs(r[name]) + EXTRAPOLATION_GAIN * FD_RTOL * r["fd"], (p, name)
 
 
 def check_stats_table(text: str, ref: dict) -> None:
@@ -267,6 +277,28 @@ def check_stats_table(text: str, ref: dict) -> None:
     seen, layer = set(), None
     for line in text.splitlines()[2:]:
         p = line.split()
+        if p[0] == "gap":
+            r = by_layer[layer]
+            m = re.search(r"shift (\S+) \+ scale (\S+) \+ channel (\S+) \+ shape (\S+); unbiased mean term (\S+); "
+                          r"share (\S+)", line)
+            names = ("gap_shift", "gap_scale", "gap_channel", "gap_shape", "fd_mean_term_unbiased")
+            for got, name in zip(m.groups()[:5], names):
+                assert abs(float(got) - r[name]) <= 1e-4 * abs(r[name]) + FD_RTOL * r["fd"], (line, name)
+            assert abs(float(m.group(6)) - r["fd_share"]) <= 6e-5, line
+            seen.add((layer, "gap"))
+            continue
+        if p[0] == "sens.":
+            r = by_layer[layer]
+            m = re.search(r"FD-inf (\S+) \(k (\S+)\); FD without replacement (\S+); FD IQR rule (\S+) "
+                          r"\(outliers (\d+)/(\d+)\)", line)
+            for got, name in zip(m.groups()[:4], ("fd_infinity", "fd_infinity_slope", "fd_no_replacement",
+                                                  "fd_iqr_rule")):
+                slack = max(r["subset_samples"]) if name == "fd_infinity_slope" else 1
+                assert abs(_num(got) - r[name]) <= 1e-4 * abs(r[name]) + EXTRAPOLATION_GAIN * FD_RTOL * slack * \
+                    r["fd"], (line, name)
+            assert (int(m.group(5)), int(m.group(6))) == (r["vision"]["outliers_iqr"], r["text"]["outliers_iqr"])
+            seen.add((layer, "sens."))
+            continue
         if p[0] == "cross":
             r = by_layer[layer]
             m = re.search(r"scale a (\S+); FD (\S+) = mean term (\S+) \+ covariance term (\S+); centroid cosine (\S+)",
@@ -287,4 +319,5 @@ def check_stats_table(text: str, ref: dict) -> None:
         assert (math.isinf(want["condition_number"]) and math.isnan(cond)) or \
             0.3 * want["condition_number"] <= cond <= 1.001 * want["condition_number"], line
         seen.add((layer, mod))
-    assert seen == {(r["layer"], m) for r in ref["layers"] for m in ("vision", "text", "cross")}
+    rows = ("vision", "text", "cross", "gap") + (("sens.",) if "sensitivity" in ref else ())
+    assert seen == {(r["layer"], m) for r in ref["layers"] for m in rows}

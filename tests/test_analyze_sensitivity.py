@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import xarray as xr
 from analyze_helpers import write_arrays
-from analyze_published import check_dataset, check_document, reference_document
+from analyze_published import (check_analyze_table, check_dataset, check_document, check_stats_table,
+                               reference_document)
 from analyze_reference import sample_groups as reference_groups
 from click.testing import CliRunner
 
@@ -59,8 +60,10 @@ def test_sensitivity_numbers_match_the_reference(tmp_path, case, dtype):
     extra = ["--samples", samples] if samples else []
     selection = open_archive(path).select(layers=layers, samples=slice(1, None) if samples else None)
     ref = reference_document(selection, sensitivity=True)
-    _mir("analyze", path, "--no-cache", "--layers", spec, "--sensitivity", *extra, "--json", tmp_path / "r.json",
-         "--netcdf", tmp_path / "r.nc")
+    table = _mir("analyze", path, "--no-cache", "--layers", spec, "--sensitivity", *extra, "--json",
+                 tmp_path / "r.json", "--netcdf", tmp_path / "r.nc")
+    check_analyze_table(table, ref)
+    check_stats_table(_mir("stats", path, "--no-cache", "--layers", spec, "--sensitivity", *extra), ref)
     doc = json.loads((tmp_path / "r.json").read_text())
     check_document(doc, ref)
     with xr.open_dataset(tmp_path / "r.nc") as ds:

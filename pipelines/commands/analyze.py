@@ -40,6 +40,10 @@ def _warn(result) -> None:
         click.echo(f"warning: {w}", err=True)
 
 
+def _mir_text(x: float) -> str:
+    return f"{x:.6f}" if math.isfinite(x) else "nan"
+
+
 def _fmt(x: float, width: int = 11) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return f"{'nan':>{width}}"
@@ -100,13 +104,23 @@ def format_result(result) -> str:
         lines.append(f"95% CI [{a['mir_ci_low']:.6f}, {a['mir_ci_high']:.6f}]  (bootstrap: {a['bootstrap_replicates']} "
                      f"replicates over {a['bootstrap_units']} samples, seed {a['bootstrap_seed']}; sd "
                      f"{a['mir_bootstrap_std']:.2g})")
+    lines.append(f"mean FD per layer {float(ds.attrs['fd_layer_mean']):.6g}" + (
+        f"; --sensitivity (exact trace): MIR-infinity {_mir_text(ds.attrs['mir_infinity'])}, without outlier "
+        f"replacement {_mir_text(ds.attrs['mir_no_replacement'])}, IQR rule {_mir_text(ds.attrs['mir_iqr_rule'])}"
+        if "mir_infinity" in ds.attrs else ""))
+    sensitive = "fd_infinity" in ds
     lines.append(f"{'layer':>5} {'FD':>11} {'mean term':>11} {'cov term':>11} {'scale a':>11} "
-                 f"{'outl. v/t':>11}  route")
+                 f"{'outl. v/t':>11}  route      {'share':>7}"
+                 + (f" {'FD-inf':>11} {'FD no repl':>11} {'FD IQR':>11}" if sensitive else ""))
     for layer in ds["layer"].values:
         s = ds.sel(layer=layer)
         out = f"{int(s['outliers'].sel(modality='vision'))}/{int(s['outliers'].sel(modality='text'))}"
-        lines.append(f"{layer:>5} {_fmt(float(s['fd']))} {_fmt(float(s['fd_mean_term']))} "
-                     f"{_fmt(float(s['fd_covariance_term']))} {_fmt(float(s['scale']))} {out:>11}  {s['route'].item()}")
+        line = (f"{layer:>5} {_fmt(float(s['fd']))} {_fmt(float(s['fd_mean_term']))} "
+                f"{_fmt(float(s['fd_covariance_term']))} {_fmt(float(s['scale']))} {out:>11}  {s['route'].item():<10} "
+                f"{float(s['fd_share']):>7.4f}")
+        if sensitive:
+            line += "".join(f" {_fmt(float(s[name]))}" for name in ("fd_infinity", "fd_no_replacement", "fd_iqr_rule"))
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -138,4 +152,13 @@ def _stats_table(result) -> str:
         lines.append(f"{'':>5} {'cross':>8} scale a {float(s['scale']):.5g}; FD {float(s['fd']):.5g} = mean term "
                      f"{float(s['fd_mean_term']):.5g} + covariance term {float(s['fd_covariance_term']):.5g}; "
                      f"centroid cosine {float(s['centroid_cosine']):.4f}")
+        lines.append(f"{'':>5} {'gap':>8} shift {float(s['gap_shift']):.5g} + scale {float(s['gap_scale']):.5g} + "
+                     f"channel {float(s['gap_channel']):.5g} + shape {float(s['gap_shape']):.5g}; unbiased mean term "
+                     f"{float(s['fd_mean_term_unbiased']):.5g}; share {float(s['fd_share']):.4f}")
+        if "fd_infinity" in ds:
+            iqr = s["outliers_iqr"]
+            lines.append(f"{'':>5} {'sens.':>8} FD-inf {float(s['fd_infinity']):.5g} (k {float(s['fd_infinity_slope']):.5g}); "
+                         f"FD without replacement {float(s['fd_no_replacement']):.5g}; FD IQR rule "
+                         f"{float(s['fd_iqr_rule']):.5g} (outliers {int(iqr.sel(modality='vision'))}/"
+                         f"{int(iqr.sel(modality='text'))})")
     return "\n".join(lines)
