@@ -236,7 +236,8 @@ def _read_entry(path: Path, key: dict) -> LayerStats:
             counts, ns, rmeans, rm2 = (g[name][...] for name in ("rule_outliers", "rule_n", "rule_mean", "rule_m2"))
             if rm2.shape != (len(OUTLIER_RULES), d, d):
                 raise ValueError("outlier-rule arrays disagree")
-            rules = {rule: (int(counts[i]), Moments(int(ns[i]), rmeans[i], rm2[i])) for i, rule in enumerate(OUTLIER_RULES)}
+            rules = {rule: (int(counts[i]), Moments(int(ns[i]), rmeans[i], rm2[i]))
+                     for i, rule in enumerate(OUTLIER_RULES)}
         mods[m] = ModalityStats(NormSummary(**attrs["norms"][m]), median, g["block_tokens"][...],
                                 g["block_norm_sum"][...], g["block_outliers"][...],
                                 [Moments(int(n), means[i], m2[i]) for i, n in enumerate(n_in)], rows,

@@ -44,8 +44,9 @@ def measure(archive: Path, work: Path) -> list[dict]:
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     rows = []
-    for label, extra in (("plain, cold", ["--no-cache"]), ("--sensitivity, cold", ["--cache-dir", cache, "--sensitivity"]),
-                         ("plain, warm", ["--cache-dir", cache, "--no-progress"]),
+    for label, extra in (("plain, cold", ["--no-cache"]),
+                         ("--sensitivity, cold", ["--cache-dir", cache, "--sensitivity"]),
+                         ("plain, warm", ["--cache-dir", cache]),
                          ("--sensitivity, warm", ["--cache-dir", cache, "--sensitivity"])):
         if label == "plain, warm":  # a plain cache entry next to the sensitivity one
             run_measured(mir_cmd("analyze", archive, "--cache-dir", cache, "--json", work / "w.json"))

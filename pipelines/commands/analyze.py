@@ -157,7 +157,8 @@ def _stats_table(result) -> str:
                      f"{float(s['fd_mean_term_unbiased']):.5g}; share {float(s['fd_share']):.4f}")
         if "fd_infinity" in ds:
             iqr = s["outliers_iqr"]
-            lines.append(f"{'':>5} {'sens.':>8} FD-inf {float(s['fd_infinity']):.5g} (k {float(s['fd_infinity_slope']):.5g}); "
+            lines.append(f"{'':>5} {'sens.':>8} FD-inf {float(s['fd_infinity']):.5g} "
+                         f"(k {float(s['fd_infinity_slope']):.5g}); "
                          f"FD without replacement {float(s['fd_no_replacement']):.5g}; FD IQR rule "
                          f"{float(s['fd_iqr_rule']):.5g} (outliers {int(iqr.sel(modality='vision'))}/"
                          f"{int(iqr.sel(modality='text'))})")
