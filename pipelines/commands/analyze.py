@@ -55,8 +55,8 @@ def sensitivity_option(fn):
     return click.option("--sensitivity", is_flag=True,
                         help="Also FD-infinity / MIR-infinity (FD at N/4, N/2, 3N/4 and N samples of seeded sample "
                              "groups, fitted as FD_inf + k/N) and MIR without outlier replacement and with the "
-                             "reference code's IQR rule: 5 more trace solves per layer, and 6 more d x d "
-                             "statistics per layer and modality in memory and cache.")(fn)
+                             "reference code's IQR rule: 5 more trace solves per layer, and 6 d x d "
+                             "statistics per layer and modality instead of 1, in memory and cache.")(fn)
 
 
 @click.command("analyze")
