@@ -21,18 +21,21 @@ from . import bootstrap as boot
 from .cache import StatsCache
 from .config import ReadConfig
 from .dataset import AnalysisResult, result_attrs, to_dataset
-from .engine import STATS_VERSION, compute_stats
+from .engine import GROUP_SEED, STATS_VERSION, compute_stats
 from .errors import AnalysisError
 from .frechet import SQRT_MODES
 from . import memory
+from .gaps import depth_shares
 from .influence import INFLUENCE_VERSION, LayerInfluence, compute_influence
 from .memory import MemoryPlan, Shape
 from .results import layer_summary, layer_summary_and_gradient
 from .runner import Runner
 from .select import parse_layers, resolve_samples
+from .stats import OUTLIER_RULES
 
 log = logging.getLogger(__name__)
 MIN_STABLE_SAMPLES = 20  # the MIR paper (Table 6) reports MIR stable from N >= 20
+SENSITIVITY_GROUPS = 4  # FD at N/4, N/2, 3N/4 and N samples for the FD-infinity fit
 
 
 @dataclass
@@ -45,12 +48,21 @@ class AnalysisOptions:
     cache_dir: str | None = None
     memory_limit: int | None = None  # bytes; None = half the machine's memory
     reads: ReadConfig = field(default_factory=ReadConfig)  # how much the one-read scan guesses (never results)
+    sensitivity: bool = False  # FD-infinity and the outlier-rule variants: extra trace solves (extrapolate.py)
+    groups: int = SENSITIVITY_GROUPS  # sample groups kept for FD-infinity (with sensitivity only)
 
     def validate(self) -> None:
         if self.mode not in SQRT_MODES:
             raise AnalysisError(f"unknown --sqrt mode {self.mode!r}; choose one of {', '.join(SQRT_MODES)}")
         if self.bootstrap < 0:
             raise AnalysisError("--bootstrap must be 0 or positive")
+        if self.sensitivity and self.groups < 2:
+            raise AnalysisError("FD-infinity needs at least 2 sample groups")
+
+    @property
+    def kept_groups(self) -> int:
+        """Sample groups the statistics are kept in: 1 unless --sensitivity asks for FD-infinity."""
+        return self.groups if self.sensitivity else 1
 
 
 def memory_plan(selection, n_layers: int, runner: Runner, options: AnalysisOptions, groups: int = 1) -> MemoryPlan:
@@ -86,12 +98,17 @@ def _physical_memory() -> int:
         return 8 * 2**30
 
 
-def _cache_key(selection, layer: int, precision: str) -> dict:
+def _cache_key(selection, layer: int, precision: str, groups: int = 1, rules: bool = False) -> dict:
     """The statistics are of the whole selection (one sample block: the bootstrap resamples samples
-    through the influence read); "blocks" stays in the key so entries written earlier keep their names."""
+    through the influence read); "blocks" stays in the key so entries written earlier keep their names.
+    --sensitivity keeps them per sample group (seeded, engine.GROUP_SEED) and under the other outlier rules,
+    which the key then says."""
     sel = {k: v for k, v in selection.key.items() if k != "layers"}
-    return {"stats_version": STATS_VERSION, "selection": sel, "layer": int(layer), "blocks": 1,
-            "precision": precision}
+    key = {"stats_version": STATS_VERSION, "selection": sel, "layer": int(layer), "blocks": int(groups),
+           "precision": precision}
+    if groups > 1 or rules:
+        key.update(grouping=f"seeded-permutation-{GROUP_SEED}", rules=list(OUTLIER_RULES) if rules else [])
+    return key
 
 
 def _batch_influence(selection, batch: list[int], stats: dict, options: AnalysisOptions,
@@ -108,8 +125,8 @@ def _batch_influence(selection, batch: list[int], stats: dict, options: Analysis
                 found[layer] = LayerInfluence.from_arrays(values)
     missing = [layer for layer in batch if layer not in found]
     if missing:
-        solved = runner.map(lambda layer: layer_summary_and_gradient(stats[layer], options.mode, options.precision),
-                            missing)
+        solved = runner.map(lambda layer: layer_summary_and_gradient(stats[layer], options.mode, options.precision,
+                                                                     options.sensitivity), missing)
         summaries = {layer: summary for layer, (summary, _) in zip(missing, solved)}
         grads = {layer: grad for layer, (_, grad) in zip(missing, solved)}
         del solved
@@ -123,7 +140,8 @@ def _batch_influence(selection, batch: list[int], stats: dict, options: Analysis
 def _batch_stats(selection, batch: list[int], options: AnalysisOptions, cache: StatsCache | None,
                  runner: Runner, hits: list[int], lanes: int = 1, reads: ReadConfig | None = None) -> dict:
     """Sufficient statistics of a batch of layers: from the cache where present, else computed and cached."""
-    keys = {layer: _cache_key(selection, layer, options.precision) for layer in batch}
+    groups = min(options.kept_groups, len(selection.sample_index))
+    keys = {layer: _cache_key(selection, layer, options.precision, groups, options.sensitivity) for layer in batch}
     stats = {}
     if cache is not None:
         for layer in batch:
@@ -133,8 +151,8 @@ def _batch_stats(selection, batch: list[int], options: AnalysisOptions, cache: S
                 hits.append(layer)
     missing = [layer for layer in batch if layer not in stats]
     if missing:
-        for layer, st in compute_stats(selection, missing, precision=options.precision,
-                                        runner=runner, config=reads or options.reads, lanes=lanes).items():
+        for layer, st in compute_stats(selection, missing, blocks=groups, precision=options.precision, runner=runner,
+                                        config=reads or options.reads, lanes=lanes, rules=options.sensitivity).items():
             if cache is not None:
                 cache.store(keys[layer], st)
             stats[layer] = st
@@ -171,7 +189,9 @@ def analyze_selection(selection, options: AnalysisOptions | None = None, *, runn
     if options.bootstrap and n_samples < 2:
         raise AnalysisError("--bootstrap needs at least 2 samples in the selection (samples are resampled)")
     cache = StatsCache.for_archive(selection.archive, options.cache_dir) if options.cache else None
-    plan = memory_plan(selection, len(layers), runner, options)
+    # --sensitivity keeps K sample groups and the other outlier rules' moments: d x d statistics per modality
+    kept = options.kept_groups + (len(OUTLIER_RULES) if options.sensitivity else 0)
+    plan = memory_plan(selection, len(layers), runner, options, groups=kept)
     log.info("memory plan: %s", plan.describe())
     summaries, influence, hits = {}, {}, []
     for batch in layer_batches(layers, plan.layers_per_batch):
@@ -181,10 +201,14 @@ def analyze_selection(selection, options: AnalysisOptions | None = None, *, runn
             summaries.update(solved)
             influence.update(values)
         rest = [layer for layer in batch if layer not in summaries]
-        summaries.update(zip(rest, runner.map(lambda layer: layer_summary(stats[layer], options.mode), rest)))
+        summaries.update(zip(rest, runner.map(lambda layer: layer_summary(stats[layer], options.mode,
+                                                                          options.sensitivity), rest)))
     ordered = [summaries[layer] for layer in layers]
     total = sum(s["fd"] for s in ordered)
     mir = math.log10(total) if total > 0 else math.nan
+    extra_attrs = {"fd_layer_mean": depth_shares(ordered)}
+    if options.sensitivity:
+        extra_attrs.update({name: _log10_sum(ordered, field) for name, field in SENSITIVITY_MIRS.items()})
     settings = {**asdict(options), "layers": layers, "text_tokens": selection.text_tokens,
                 "archive": selection.archive.paths, "archive_fingerprint": selection.archive.fingerprint,
                 "selection": selection.key, "scheduler": runner.describe(), "memory_plan": plan.describe()}
@@ -196,7 +220,8 @@ def analyze_selection(selection, options: AnalysisOptions | None = None, *, runn
             summary["method"] += f"; about the {options.mode} FD, with the exact trace's per-sample values"
     attrs = result_attrs(mir=mir, mode=options.mode, n_samples=n_samples,
                          n_vision_tokens=int(selection.vision.sizes["token"]),
-                         n_text_tokens=int(selection.text.sizes["token"]), settings=settings, bootstrap=summary)
+                         n_text_tokens=int(selection.text.sizes["token"]), settings=settings, bootstrap=summary,
+                         extra=extra_attrs)
     dataset = to_dataset(ordered, attrs, None if summary is None else summary["mir_replicates"],
                          None if per_sample is None else (selection.sample_ids, per_sample))
     result = AnalysisResult(dataset, settings,
@@ -204,6 +229,15 @@ def analyze_selection(selection, options: AnalysisOptions | None = None, *, runn
     result.warnings = _warnings(dataset, total)
     result.elapsed_s = time.perf_counter() - start
     return result
+
+
+SENSITIVITY_MIRS = {"mir_infinity": "fd_infinity", "mir_no_replacement": "fd_no_replacement",
+                    "mir_iqr_rule": "fd_iqr_rule"}
+
+
+def _log10_sum(summaries: list[dict], field: str) -> float:
+    total = sum(s[field] for s in summaries)
+    return math.log10(total) if total > 0 else math.nan
 
 
 def _warnings(ds, total: float) -> list[str]:

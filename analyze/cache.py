@@ -33,7 +33,7 @@ from storage_schemas.sidecars import ANALYSIS_CACHE, sidecar_dir
 
 from .activations import ActivationStats
 from .moments import Moments
-from .stats import LayerStats, ModalityStats, NormSummary
+from .stats import OUTLIER_RULES, LayerStats, ModalityStats, NormSummary
 
 log = logging.getLogger(__name__)
 FORMAT = "mir-analysis-cache/1"
@@ -106,6 +106,7 @@ class StatsCache:
     def store(self, key: dict, stats: LayerStats) -> Path | None:
         """Write an entry atomically; returns its path, or None when not written (too big, not writable)."""
         k, d = len(stats.vision.block_inliers), stats.vision.d
+        k += len(OUTLIER_RULES) if stats.vision.rules is not None else 0
         if 2 * k * d * d * 8 > MAX_ENTRY_BYTES:
             log.info("not caching layer %s: %d blocks of %d x %d statistics exceed %d bytes", stats.layer, k, d, d,
                      MAX_ENTRY_BYTES)
@@ -196,9 +197,15 @@ def _write_entry(path: Path, key: dict, stats: LayerStats) -> None:
         if s.activations is not None:
             arrays["unit_sum"], arrays["channel_max"] = s.activations.unit_sum, s.activations.channel_max
             meta.setdefault("activations", {})[m] = s.activations.to_json()
+        if s.rules is not None:  # in OUTLIER_RULES order
+            parts = [s.rules[rule] for rule in OUTLIER_RULES]
+            arrays.update({"rule_outliers": np.array([c for c, _ in parts], np.int64),
+                           "rule_n": np.array([m.n for _, m in parts], np.int64),
+                           "rule_mean": np.stack([m.mean for _, m in parts]),
+                           "rule_m2": np.stack([m.m2 for _, m in parts])})
         for name, value in arrays.items():
             value = np.asarray(value)
-            chunks = (1,) + value.shape[1:] if name == "inlier_m2" else value.shape
+            chunks = (1,) + value.shape[1:] if name in ("inlier_m2", "rule_m2") else value.shape
             g.create_array(name, shape=value.shape, dtype=value.dtype, chunks=chunks, **_codecs())
             with zarr.config.set({"array.write_empty_chunks": True}):  # every chunk on disk: see _read_entry
                 g[name][...] = value
@@ -231,8 +238,15 @@ def _read_entry(path: Path, key: dict) -> LayerStats:
         doc = attrs.get("activations", {}).get(m)
         activations = None if doc is None else ActivationStats.from_json(doc, g["unit_sum"][...],
                                                                          g["channel_max"][...])
+        rules = None
+        if "rule_m2" in g:
+            counts, ns, rmeans, rm2 = (g[name][...] for name in ("rule_outliers", "rule_n", "rule_mean", "rule_m2"))
+            if rm2.shape != (len(OUTLIER_RULES), d, d):
+                raise ValueError("outlier-rule arrays disagree")
+            rules = {rule: (int(counts[i]), Moments(int(ns[i]), rmeans[i], rm2[i]))
+                     for i, rule in enumerate(OUTLIER_RULES)}
         mods[m] = ModalityStats(NormSummary(**attrs["norms"][m]), median, g["block_tokens"][...],
                                 g["block_norm_sum"][...], g["block_outliers"][...],
                                 [Moments(int(n), means[i], m2[i]) for i, n in enumerate(n_in)], rows,
-                                int(attrs["passes"][m]), activations)
+                                int(attrs["passes"][m]), activations, rules)
     return LayerStats(int(attrs["layer"]), mods["vision"], mods["text"], dict(attrs.get("meta", {})))

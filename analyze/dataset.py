@@ -28,7 +28,24 @@ DESCRIPTIONS = {
     "abs_median": "lower median of |h| over all values of the modality (raw units)",
     "massive_channels_100x": "channels whose max |h| exceeds 100x the median |h| (Sun et al. 2024)",
     "top_abs": "largest |h| values (raw units), with top_channel / top_sample / top_position / top_role",
+    "fd_mean_term_unbiased": "||mu_V - mu_T||^2 - tr C_V / n - tr C_T / m (unbiased for iid tokens)",
+    "isotropic_scale": "s* = tau / tr C_V, the best isotropic rescaling of the centred vision tokens",
+    "cov_term_isotropic": "covariance term after the best isotropic rescaling: tr C_T - tau^2 / tr C_V",
+    "cov_term_trace_matched": "covariance term after trace matching: 2 tr C_T - 2 sqrt(tr C_T / tr C_V) tau",
+    "cov_term_channel_matched": "covariance term after D = diag(sigma_T / sigma_V) on the vision tokens",
+    "gap_shift": "shift part of FD: the mean term",
+    "gap_scale": "scale part of FD: (tr C_V - tau)^2 / tr C_V, what the best isotropic rescaling removes",
+    "gap_channel": "per-channel part of FD: what the map D removes beyond the isotropic rescaling (may be < 0)",
+    "gap_shape": "shape part of FD: the covariance term left after the map D",
+    "fd_share": "the layer's share of the summed FD",
+    "fd_infinity": "FD extrapolated to infinitely many samples: intercept of FD_N = FD_inf + k / N (OLS)",
+    "fd_infinity_slope": "k of FD_N = FD_inf + k / N",
+    "fd_no_replacement": "FD without outlier replacement (exact trace)",
+    "fd_iqr_rule": "FD with the reference code's IQR rule (1.5 IQR of the token norms; exact trace)",
+    "outliers_iqr": "tokens outside [Q1 - 1.5 IQR, Q3 + 1.5 IQR] of the token norms",
 }
+RUN_NUMBERS = ("fd_layer_mean",)  # run-level numbers always published (Dataset attributes, JSON keys)
+SENSITIVITY_NUMBERS = ("mir_infinity", "mir_no_replacement", "mir_iqr_rule")  # with --sensitivity
 
 
 def to_dataset(summaries: list[dict], attrs: dict, mir_replicates: np.ndarray | None = None,
@@ -116,11 +133,13 @@ BOOTSTRAP_ATTRS = {"replicates": "bootstrap_replicates", "seed": "bootstrap_seed
 
 
 def result_attrs(*, mir: float, mode: str, n_samples: int, n_vision_tokens: int, n_text_tokens: int,
-                 settings: dict, bootstrap: dict | None) -> dict:
-    """Dataset attributes: the run's scalars (netCDF-compatible types) and the bootstrap summary."""
+                 settings: dict, bootstrap: dict | None, extra: dict | None = None) -> dict:
+    """Dataset attributes: the run's scalars (netCDF-compatible types), the bootstrap summary, and `extra`
+    run-level numbers (the mean FD per layer; with --sensitivity MIR-infinity and MIR under other rules)."""
     attrs = {"mir": float(mir), "sqrt_mode": mode, "n_samples": int(n_samples), "n_vision_tokens": int(n_vision_tokens),
              "n_text_tokens": int(n_text_tokens), "settings": json.dumps(json_safe(settings)),
              "versions": json.dumps(versions())}
+    attrs.update({name: float(value) for name, value in (extra or {}).items()})
     if bootstrap:
         attrs.update({attr: bootstrap[key] for key, attr in BOOTSTRAP_ATTRS.items()})
     return attrs
@@ -161,6 +180,12 @@ class AnalysisResult:
         return layer_rows(self.dataset)
 
     @property
+    def sensitivity(self) -> dict | None:
+        """MIR-infinity and MIR under the other outlier rules, when --sensitivity computed them."""
+        attrs = self.dataset.attrs
+        return {k: attrs[k] for k in SENSITIVITY_NUMBERS} if SENSITIVITY_NUMBERS[0] in attrs else None
+
+    @property
     def bootstrap(self) -> dict | None:
         ds = self.dataset
         if "mir_replicate" not in ds:
@@ -176,7 +201,8 @@ class AnalysisResult:
     def to_json(self) -> dict:
         return json_safe({
             "mir": self.mir, "mode": self.mode, "n_samples": self.n_samples, "n_vision_tokens": self.n_vision_tokens,
-            "n_text_tokens": self.n_text_tokens, "layers": self.layers, "bootstrap": self.bootstrap,
+            "n_text_tokens": self.n_text_tokens, **{k: self.dataset.attrs[k] for k in RUN_NUMBERS},
+            "sensitivity": self.sensitivity, "layers": self.layers, "bootstrap": self.bootstrap,
             "warnings": self.warnings, "settings": self.settings, "cache": self.cache, "elapsed_s": self.elapsed_s,
             "versions": versions(),
         })

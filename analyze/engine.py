@@ -52,26 +52,45 @@ class Unit:
         for x, a, b in zip(self.array.to_delayed().ravel(), edges[:-1], edges[1:]):
             f = self.facts
             chunk = Chunk(int(a), int(b), () if self.progress.small else runs(f.sample_block[a:b]),
-                          len(runs(f.sample_row[a:b])), self.progress.chunk_outliers(a, b))
+                          len(runs(f.sample_row[a:b])), self.progress.chunk_outliers(a, b),
+                          self.progress.chunk_rule_outliers(a, b))
             out.append((x, chunk))
         return out
 
 
-def sample_blocks(sample_index: np.ndarray, blocks: int) -> np.ndarray:
-    """First sample row of each of K bootstrap sample blocks (consecutive selected samples)."""
-    k = max(1, min(int(blocks), len(sample_index)))
-    return np.array([part[0] for part in np.array_split(np.asarray(sample_index), k)], dtype=np.int64)
+GROUP_SEED = 0  # the permutation that assigns samples to groups: fixed, so a cache entry names its grouping
 
 
-def make_units(selection, layers: list[int], blocks: int) -> list[Unit]:
-    starts = sample_blocks(selection.sample_index, blocks)
+def sample_groups(sample_index: np.ndarray, groups: int, seed: int = GROUP_SEED) -> tuple[np.ndarray, int]:
+    """The group (0..K-1) of each selected sample, by position in the selection, and K: a seeded permutation
+    of the samples cut into K near-equal parts, so that groups do not follow the archive's order (archives
+    are often sorted by source or length)."""
+    n = len(sample_index)
+    k = max(1, min(int(groups), n))
+    group = np.empty(n, np.int64)
+    group[np.random.default_rng(seed).permutation(n)] = np.arange(n) * k // n
+    return group, k
+
+
+def group_of_samples(selection, blocks: int) -> np.ndarray:
+    """The group of each selected sample (all 0 for one block)."""
+    index = np.asarray(selection.sample_index, np.int64)
+    return sample_groups(index, blocks)[0] if blocks > 1 else np.zeros(len(index), np.int64)
+
+
+def make_units(selection, layers: list[int], blocks: int, rules: bool = False) -> list[Unit]:
+    index = np.asarray(selection.sample_index, np.int64)
+    group = group_of_samples(selection, blocks)
+    k = int(group.max()) + 1
+    position = np.full(int(index.max()) + 1, -1, np.int64)
+    position[index] = np.arange(len(index))
     archive = selection.archive
     bf16 = archive.source_dtype == "bfloat16" and archive.stored_dtype == "float32"
     units = []
     for m in MODALITIES:
         view = getattr(selection, m)
         rows = view["sample"].values
-        ids = np.searchsorted(starts, rows, side="right") - 1
+        ids = group[position[np.asarray(rows, np.int64)]]
         for layer in layers:
             i = int(np.flatnonzero(selection.layers == layer)[0])
             arr = view.data[i]
@@ -80,7 +99,7 @@ def make_units(selection, layers: list[int], blocks: int) -> list[Unit]:
                                     "are needed (std and covariance use n - 1). Select more samples or another "
                                     "--text-tokens rule.")
             facts = UnitFacts(int(layer), m, np.dtype(arr.dtype), 2 if bf16 else arr.dtype.itemsize, ids, rows,
-                              len(starts))
+                              k, rules)
             units.append(Unit(arr, Progress(facts, small=arr.shape[0] < arr.shape[1])))
     return units
 
@@ -135,14 +154,17 @@ def _combine(a, b):
 
 
 def compute_stats(selection, layers: list[int], *, blocks: int = 1, precision: str = "float32",
-                  runner: Runner | None = None, config: ReadConfig = DEFAULT, lanes: int = 1) -> dict[int, LayerStats]:
+                  runner: Runner | None = None, config: ReadConfig = DEFAULT, lanes: int = 1,
+                  rules: bool = False) -> dict[int, LayerStats]:
     """Sufficient statistics of the given layers of a selection, reading the data once when the
     scan's guesses hold, twice when they miss, and up to 4 times for true float32 archives.
-    `lanes`: accumulators per unit (memory.plan chooses them; results differ only by rounding)."""
+    `lanes`: accumulators per unit (memory.plan chooses them; results differ only by rounding).
+    `blocks` K > 1 keeps them per group of samples (sample_groups); `rules` adds the moments under the
+    alternative outlier rules (stats.OUTLIER_RULES)."""
     if precision not in ("float32", "float64"):
         raise AnalysisError(f"unknown Gram precision {precision!r}; choose float32 or float64")
     runner = runner or Runner()
-    units = make_units(selection, layers, blocks)
+    units = make_units(selection, layers, blocks, rules)
     round_ = 0
     while True:
         pending = [(u, read) for u in units if (read := u.progress.next_read(precision, config)) is not None]
@@ -161,8 +183,10 @@ def compute_stats(selection, layers: list[int], *, blocks: int = 1, precision: s
     labels = {m: token_labels(selection, m) for m in MODALITIES}
     for layer in layers:
         v, t = (next(u for u in units if u.facts.layer == layer and u.facts.modality == m) for m in MODALITIES)
-        out[layer] = LayerStats(layer, v.progress.statistics(), t.progress.statistics(),
-                                {"blocks": v.facts.sample_blocks, "precision": precision})
+        meta = {"blocks": v.facts.sample_blocks, "precision": precision}
+        if v.facts.sample_blocks > 1:
+            meta["group_samples"] = np.bincount(group_of_samples(selection, blocks)).tolist()
+        out[layer] = LayerStats(layer, v.progress.statistics(), t.progress.statistics(), meta)
         for m in MODALITIES:
             out[layer].modality(m).activations.label_rows(*labels[m])
     return out

@@ -117,6 +117,11 @@ def trace_sqrt_exact(a: np.ndarray, b: np.ndarray, a_rows: np.ndarray | None = N
     route = "gram" if ya is not None or yb is not None else "factor"
     ya = ya if ya is not None else (fa or PsdFactor.of(a)).y
     yb = yb if yb is not None else (fb or PsdFactor.of(b)).y
+    return trace_sqrt_of_factors(ya, yb, route)
+
+
+def trace_sqrt_of_factors(ya: np.ndarray, yb: np.ndarray, route: str = "factor") -> TraceResult:
+    """tr((A B)^1/2) from factors A = Y_a Y_a^T, B = Y_b Y_b^T: the root singular values of Y_a^T Y_b."""
     w = ya.T @ yb
     if w.size == 0:
         return TraceResult(0.0, f"{route}-0", 0.0)

@@ -16,7 +16,7 @@ from .activations import ActivationStats, activation_partial
 from .kernels import as_rows, low_bits_set, token_norms
 from .moments import Moments
 from .scan import UnitFacts
-from .stats import ModalityStats, NormSummary
+from .stats import OUTLIER_RULES, ModalityStats, NormSummary, rule_outliers
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,15 @@ def finish_rows(part: Rows, facts: UnitFacts) -> InMemoryOutcome:
     ids, k = facts.sample_block, facts.sample_blocks
     raw = rows.astype(np.float64)
     inliers = [exact_moments(raw[(ids == g) & ~outliers]) for g in range(k)]
+    rules = None
+    if facts.rules:
+        flags = [rule_outliers(rule, norms) for rule in OUTLIER_RULES]
+        rules = {rule: (int(f.sum()), exact_moments(raw[~f])) for rule, f in zip(OUTLIER_RULES, flags)}
     raw[outliers] = median
     stats = ModalityStats(summary, median, np.bincount(ids, minlength=k).astype(np.int64),
                           np.bincount(ids, weights=norms, minlength=k), np.bincount(ids[outliers], minlength=k)
                           .astype(np.int64), inliers, raw, passes=1,
-                          activations=ActivationStats.finish(activation_partial(rows, norms, 0), rows.dtype))
+                          activations=ActivationStats.finish(activation_partial(rows, norms, 0), rows.dtype),
+                          rules=rules)
     check = facts.key_bytes == 2 and rows.dtype.itemsize == 4
     return InMemoryOutcome(stats, check and low_bits_set(rows))

@@ -19,7 +19,7 @@ import numpy as np
 from . import fused
 from .activations import activation_partial
 from .config import ReadConfig
-from .moments import BlockMoments, block_moments, gram_precision
+from .moments import BlockMoments, Moments, block_moments, gram_precision
 from .radix import byte_histogram
 from .scan import ScanPartial
 from .window import WindowCounts, choose_window, count_window
@@ -36,6 +36,7 @@ class Chunk:
     runs: tuple[tuple[int, int, int], ...]  # (sample block, first row, end row) runs, rows within the chunk
     samples: int  # how many samples its rows come from (see window.choose_window)
     outliers: np.ndarray | None = None  # (stop - start,) once the outlier rule is known
+    rule_outliers: tuple[np.ndarray, ...] | None = None  # per alternative rule (stats.OUTLIER_RULES), same shape
 
 
 def token_norms(x: np.ndarray) -> np.ndarray:
@@ -94,12 +95,27 @@ def scan_chunk(x, chunk: Chunk, precision: str, config: ReadConfig, check_low_bi
 
 
 def run_moments(x: np.ndarray, keep: np.ndarray, runs, precision: str) -> BlockMoments:
-    """Moments of the kept rows, per sample block, from the chunk's runs of sample blocks."""
+    """Moments of the kept rows, per sample block, from the chunk's runs of sample blocks. Blocks of
+    interleaved samples (seeded groups) come in many short runs: each block's rows are gathered into one
+    product instead of one d x d merge per run."""
     convert = fused.convert if fused.AVAILABLE and precision == "float32" else None
+    blocks = sorted({block for block, _, _ in runs})
     out = BlockMoments.none()
-    for block, start, stop in runs:
-        out = out.combine(BlockMoments({block: block_moments(x[start:stop], keep[start:stop], precision, convert)}))
+    if len(blocks) == len(runs):
+        for block, start, stop in runs:
+            out = out.combine(BlockMoments({block: block_moments(x[start:stop], keep[start:stop], precision,
+                                                                 convert)}))
+        return out
+    for block in blocks:
+        index = np.concatenate([np.arange(start, stop) for b, start, stop in runs if b == block])
+        out = out.combine(BlockMoments({block: block_moments(x[index], keep[index], precision, convert)}))
     return out
+
+
+def rule_moments(x, chunk: Chunk, precision: str) -> tuple[Moments, ...]:
+    """Moments of the non-outlier rows of each alternative outlier rule (all sample blocks together)."""
+    x = as_rows(x)
+    return tuple(block_moments(x, ~np.asarray(flags, bool), precision) for flags in chunk.rule_outliers)
 
 
 def inlier_moments(x, chunk: Chunk, precision: str) -> BlockMoments:

@@ -24,7 +24,7 @@ from .kernels import Chunk
 from .moments import BlockMoments, gram_precision
 from .radix import DigitRead, GatherRead, RadixState
 from .scan import ScanOutcome, UnitFacts, finish_scan
-from .stats import ModalityStats, NormSummary
+from .stats import OUTLIER_RULES, ModalityStats, NormSummary, rule_outliers
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,34 @@ class InlierMomentsRead:
         return kernels.inlier_moments(x, chunk, self.precision)
 
     def finish(self, partial: BlockMoments, facts: UnitFacts) -> BlockMoments:
+        return partial
+
+
+@dataclass(frozen=True)
+class RuleMoments:
+    """Moments of the non-outlier rows of each alternative outlier rule: the outcome of RuleMomentsRead."""
+
+    parts: tuple  # Moments per rule, in stats.OUTLIER_RULES order
+
+    def combine(self, other: "RuleMoments") -> "RuleMoments":
+        return RuleMoments(tuple(a.merge(b) for a, b in zip(self.parts, other.parts)))
+
+    def apply(self, progress) -> None:
+        flags = progress.rule_flags()
+        progress.rules = {rule: (int(f.sum()), m) for rule, f, m in zip(OUTLIER_RULES, flags, self.parts)}
+
+
+@dataclass(frozen=True)
+class RuleMomentsRead:
+    """The alternative outlier rules' moments, when the scan's sure rows did not cover them (--sensitivity)."""
+
+    precision: str
+    label = "moments under other outlier rules"
+
+    def map(self, x, chunk: Chunk) -> RuleMoments:
+        return RuleMoments(kernels.rule_moments(x, chunk, self.precision))
+
+    def finish(self, partial: RuleMoments, facts: UnitFacts) -> RuleMoments:
         return partial
 
 
@@ -148,6 +176,8 @@ class Progress:
     median: RadixState | None = None
     inliers: BlockMoments | None = None
     activations: ActivationStats | None = None
+    rules: dict | None = None  # asked for by facts.rules
+    flags: list | None = field(default=None, repr=False)  # the alternative rules' outlier rows, once known
 
     def next_read(self, precision: str, config: ReadConfig):
         """The read this unit needs next, or None when its statistics are complete."""
@@ -161,6 +191,8 @@ class Progress:
         reads = []
         if self.inliers is None:
             reads.append(InlierMomentsRead(gram_precision(self.summary.maximum, precision)))
+        if self.facts.rules and self.rules is None:
+            reads.append(RuleMomentsRead(gram_precision(self.summary.maximum, precision)))
         if not self.median.done:
             reads.append(MedianRead(self.median.next_read(config.gather_budget)))
         if not reads:
@@ -169,6 +201,16 @@ class Progress:
 
     def chunk_outliers(self, start: int, stop: int) -> np.ndarray | None:
         return None if self.outliers is None else self.outliers[start:stop]
+
+    def rule_flags(self) -> list[np.ndarray]:
+        if self.flags is None:
+            self.flags = [rule_outliers(rule, self.norms) for rule in OUTLIER_RULES]
+        return self.flags
+
+    def chunk_rule_outliers(self, start: int, stop: int) -> tuple[np.ndarray, ...] | None:
+        if not self.facts.rules or self.norms is None or self.rules is not None:
+            return None
+        return tuple(f[start:stop] for f in self.rule_flags())
 
     def statistics(self) -> ModalityStats:
         """The unit's sufficient statistics, once every read it needed is applied."""
@@ -179,4 +221,5 @@ class Progress:
         return ModalityStats(self.summary, self.median.values, np.bincount(ids, minlength=k).astype(np.int64),
                              np.bincount(ids, weights=self.norms, minlength=k),
                              np.bincount(ids[self.outliers], minlength=k).astype(np.int64),
-                             [self.inliers.of_block(g, d) for g in range(k)], None, self.passes, self.activations)
+                             [self.inliers.of_block(g, d) for g in range(k)], None, self.passes, self.activations,
+                             self.rules)

@@ -11,7 +11,9 @@ from scipy.sparse.linalg import eigsh
 from storage_schemas.schema import MODALITIES
 
 from .activations import massive_summary
-from .frechet import FrechetResult, PsdFactor, frechet_distance, symmetrize
+from .extrapolate import sensitivity_numbers
+from .frechet import FrechetResult, PsdFactor, frechet_distance, symmetrize, trace_sqrt_of_factors
+from .gaps import channel_matched_trace, gap_parts
 from .gradient import LayerGradient, layer_gradient, trace_solve
 from .moments import Moments
 from .stats import LayerStats, ModalityStats
@@ -71,22 +73,46 @@ def _spectrum_stats(cov: np.ndarray, factor: PsdFactor, gap: np.ndarray) -> dict
     }
 
 
-def layer_summary(stats: LayerStats, mode: str) -> dict:
+def _factors_used(stats: LayerStats, means, a: float, factors) -> list[np.ndarray]:
+    """The factors Y (C = Y Y^T) the exact trace uses: the scaled centred rows when a modality has fewer
+    tokens than channels, else the pivoted Cholesky factor."""
+    out = []
+    for name, moments, factor in zip(MODALITIES, means, factors):
+        rows = _scaled_rows(stats.modality(name), moments.mean, a)
+        out.append(rows.T if rows is not None and len(rows) < rows.shape[1] else factor.y)
+    return out
+
+
+def layer_summary(stats: LayerStats, mode: str, sensitivity: bool = False) -> dict:
     """Every per-layer number of `mir analyze` / `mir stats` (covariance-derived ones in normalised units,
-    norms in the archive's raw units)."""
+    norms in the archive's raw units). `sensitivity`: also FD-infinity and the outlier-rule variants
+    (extrapolate.py; needs statistics kept per sample group and under the other rules).
+    Memory (memory.py, FINISH_COPIES): the covariances are dropped after the spectra, the factors after the
+    per-channel trace, so at most six d x d arrays live beside the statistics."""
     fd, (mv, mt), covs, a, factors = layer_fd(stats, mode, with_factors=True)
-    factors = [PsdFactor(np.empty((f.y.shape[0], 0)), f.rank, f.rcond) for f in factors]  # Y no longer needed
+    ys = _factors_used(stats, (mv, mt), a, factors)
+    tau = fd.trace_sqrt if mode == "exact" else trace_sqrt_of_factors(*ys).value
+    variances = [np.diag(c).copy() for c in covs]
     gap = gap_vector(stats)
     spectra = [_spectrum_stats(cov, factor, gap) for cov, factor in zip(covs, factors)]
-    return _summary(stats, fd, mv, mt, a, spectra)
+    del covs
+    factors = [PsdFactor(np.empty((f.y.shape[0], 0)), f.rank, f.rcond) for f in factors]  # Y no longer needed
+    tau_d = channel_matched_trace(*variances, *ys)
+    del ys
+    diff = (mv.mean - mt.mean) * a
+    mean_term = float(diff @ diff)  # float64 whatever the --sqrt mode: the parts are of the exact FD
+    out = _summary(stats, fd, mv, mt, a, spectra)
+    out.update(gap_parts(mean_term, *variances, tau, tau_d, mv.n, mt.n))
+    return _with_sensitivity(out, stats, mean_term, variances, tau, sensitivity)
 
 
-def layer_summary_and_gradient(stats: LayerStats, mode: str, precision: str) -> tuple[dict, LayerGradient]:
+def layer_summary_and_gradient(stats: LayerStats, mode: str, precision: str,
+                               sensitivity: bool = False) -> tuple[dict, LayerGradient]:
     """layer_summary and the layer's FD gradient (the bootstrap's influence read, gradient.py) from one trace
     solve: the eigenvectors of the published trace term's eigensolve are what the gradient needs. Memory:
     the covariances and factors are handed to the gradient, which frees them as it goes."""
     if mode != "exact" or stats.vision.rows is not None or stats.text.rows is not None:
-        return layer_summary(stats, mode), layer_gradient(stats, precision)  # other trace routes: solved twice
+        return layer_summary(stats, mode, sensitivity), layer_gradient(stats, precision)  # solved twice
     a = stats.scale()
     (mv, cv), (mt, ct) = (_moments_and_covariance(s, None, a) for s in (stats.vision, stats.text))
     covs = [cv, ct]
@@ -95,15 +121,31 @@ def layer_summary_and_gradient(stats: LayerStats, mode: str, precision: str) -> 
     gap = gap_vector(stats)
     spectra = [_spectrum_stats(cov, factor, gap) for cov, factor in zip(covs, factors)]
     traces = tuple(s["total_variance"] for s in spectra)
+    variances = [np.diag(c).copy() for c in covs]
     ys = [f.y for f in factors]
     del factors
+    tau_d = channel_matched_trace(*variances, *ys)
     solve = trace_solve(covs, ys)
     diff = (mv.mean - mt.mean) * a
     mean_term = float(diff @ diff)
     fd = FrechetResult(mean_term + traces[0] + traces[1] - 2.0 * solve.value, mean_term, traces[0], traces[1],
                        solve.value, mode, solve.route, solve.negative_mass)
     summary = _summary(stats, fd, mv, mt, a, spectra)
+    summary.update(gap_parts(mean_term, *variances, solve.value, tau_d, mv.n, mt.n))
+    summary = _with_sensitivity(summary, stats, mean_term, variances, solve.value, sensitivity)
     return summary, layer_gradient(stats, precision, (a, mv, mt, traces, solve))
+
+
+def _with_sensitivity(out: dict, stats: LayerStats, mean_term: float, variances, tau: float,
+                      sensitivity: bool) -> dict:
+    """Adds FD-infinity and the outlier-rule variants (extrapolate.py) when asked for."""
+    if sensitivity:
+        fd_exact = mean_term + float(variances[0].sum() + variances[1].sum()) - 2.0 * tau
+        numbers, extra = sensitivity_numbers(stats, fd_exact)
+        out.update(numbers)
+        for name in MODALITIES:
+            out[name].update(extra[name])
+    return out
 
 
 def _summary(stats: LayerStats, fd: FrechetResult, mv, mt, a: float, spectra: list[dict]) -> dict:

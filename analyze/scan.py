@@ -17,9 +17,9 @@ import numpy as np
 from .activations import ActivationPartial, ActivationStats
 from .config import ReadConfig
 from .errors import AnalysisError
-from .moments import BlockMoments, block_moments, gram_precision
+from .moments import BlockMoments, Moments, block_moments, gram_precision, merge_all
 from .radix import RadixState
-from .stats import NormSummary
+from .stats import OUTLIER_RULES, NormSummary, rule_outliers
 from .window import WindowCounts
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class UnitFacts:
     sample_block: np.ndarray  # (n,) bootstrap sample block of every token
     sample_row: np.ndarray  # (n,) archive sample row of every token (for error messages)
     sample_blocks: int  # K
+    rules: bool = False  # also the moments under the alternative outlier rules (stats.OUTLIER_RULES)
 
     def check_finite(self, norms: np.ndarray) -> None:
         bad = ~np.isfinite(norms)
@@ -102,6 +103,7 @@ class ScanOutcome:
     median: RadixState  # top byte fixed, and the second byte when the window held it
     inliers: BlockMoments | None  # None: a guess missed, a second read computes them
     activations: ActivationStats
+    rules: dict | None = None  # rule -> (outliers, non-outlier moments); None: not asked, or a second read
 
     def apply(self, progress) -> None:
         if self.low_bits:
@@ -109,7 +111,7 @@ class ScanOutcome:
                         progress.facts.layer, progress.facts.modality)
         progress.summary, progress.outliers, progress.norms = self.summary, self.outliers, self.norms
         progress.median, progress.inliers = self.median, self.inliers
-        progress.activations = self.activations
+        progress.activations, progress.rules = self.activations, self.rules
 
 
 def finish_scan(scan: ScanPartial, facts: UnitFacts, precision: str) -> ScanOutcome:
@@ -127,6 +129,8 @@ def finish_scan(scan: ScanPartial, facts: UnitFacts, precision: str) -> ScanOutc
         counts = scan.window.second_byte(state.prefix & 0xFF, state.count)
         if counts is not None:
             state.apply_histogram(counts)
+    # before the inlier moments below, which absorb the raw rows into the scan's own moments in place
+    rules = _rule_moments(scan, facts, gram_precision(summary.maximum, precision)) if facts.rules else None
     inliers = None
     if not scan.overflow and not np.any(outliers & scan.sure):
         index, raw = scan.raw_index, scan.raw
@@ -137,7 +141,22 @@ def finish_scan(scan: ScanPartial, facts: UnitFacts, precision: str) -> ScanOutc
             inliers = inliers.absorb(BlockMoments({block: block_moments(raw[start:stop], keep[start:stop],
                                                                         products)}))  # the finish owns the scan
     return ScanOutcome(scan.low_bits, summary, outliers, norms, state, inliers,
-                       ActivationStats.finish(scan.activations, facts.dtype))
+                       ActivationStats.finish(scan.activations, facts.dtype), rules)
+
+
+def _rule_moments(scan: ScanPartial, facts: UnitFacts, products: str) -> dict | None:
+    """Moments of the non-outlier rows of each alternative rule from the sure rows' moments and the raw rows,
+    when every sure row is an inlier under that rule too; else None (a second read computes them)."""
+    flags = [rule_outliers(rule, scan.norms) for rule in OUTLIER_RULES]
+    if scan.overflow or any(np.any(f & scan.sure) for f in flags):
+        return None
+    d = scan.hist.shape[0]
+    blocks = list(scan.moments.by_block.values())
+    sure = merge_all(blocks, d)
+    if any(sure is b for b in blocks):  # one block: a copy, since the finish then absorbs into that block
+        sure = Moments(sure.n, sure.mean.copy(), sure.m2.copy())
+    return {rule: (int(f.sum()), sure.merge(block_moments(scan.raw, ~f[scan.raw_index], products)))
+            for rule, f in zip(OUTLIER_RULES, flags)}
 
 
 def runs(ids: np.ndarray) -> tuple[tuple[int, int, int], ...]:

@@ -13,6 +13,7 @@ from .activations import ActivationStats
 from .moments import Moments, merge_all
 
 OUTLIER_SIGMAS = 3.0
+OUTLIER_RULES = ("none", "iqr")  # alternatives to the default 3-sigma rule, for --sensitivity
 
 
 @dataclass
@@ -41,6 +42,22 @@ class NormSummary:
         return np.abs(norms - self.median) > self.threshold
 
 
+def iqr_outliers(norms: np.ndarray) -> np.ndarray:
+    """The reference code's unused rule (mir_util.replace_outliers_with_iqr_l2): norms outside
+    [Q1 - 1.5 IQR, Q3 + 1.5 IQR], quantiles linearly interpolated as torch.quantile does."""
+    q1, q3 = np.quantile(norms, [0.25, 0.75])
+    return (norms < q1 - 1.5 * (q3 - q1)) | (norms > q3 + 1.5 * (q3 - q1))
+
+
+def rule_outliers(rule: str, norms: np.ndarray) -> np.ndarray:
+    """The outlier rows of an alternative outlier rule (OUTLIER_RULES) from the token norms."""
+    if rule == "none":
+        return np.zeros(len(norms), bool)
+    if rule == "iqr":
+        return iqr_outliers(norms)
+    raise ValueError(f"unknown outlier rule {rule!r}")
+
+
 @dataclass
 class ModalityStats:
     """One modality at one layer. Per sample block k: token count, sum of token norms, outlier
@@ -56,6 +73,9 @@ class ModalityStats:
     rows: np.ndarray | None = None  # (n, d) float64 replaced rows, only when n < d
     passes: int = 2  # passes over the data the exact median needed
     activations: ActivationStats | None = None  # per-value statistics: gap-vector sum, |h| median, top-k
+    # per alternative outlier rule (OUTLIER_RULES): (outlier count, moments of its non-outlier rows), all
+    # sample blocks merged; only when asked for (--sensitivity)
+    rules: dict[str, tuple[int, Moments]] | None = None
 
     @property
     def d(self) -> int:
@@ -78,6 +98,11 @@ class ModalityStats:
         else:
             inliers = weighted_merge(self.block_inliers, weights, self.d)
             n_out = int(np.dot(weights, self.block_outliers))
+        return inliers.with_copies(self.median, n_out) if n_out else inliers
+
+    def replaced_under(self, rule: str) -> Moments:
+        """Moments after replacing the outliers of an alternative rule by the same column median m."""
+        n_out, inliers = self.rules[rule]
         return inliers.with_copies(self.median, n_out) if n_out else inliers
 
 
@@ -121,5 +146,5 @@ class LayerStats:
         def one(s: ModalityStats) -> ModalityStats:
             return ModalityStats(s.norms, s.median, s.block_tokens.sum(keepdims=True),
                                  s.block_norm_sum.sum(keepdims=True), s.block_outliers.sum(keepdims=True),
-                                 [merge_all(s.block_inliers, s.d)], s.rows, s.passes, s.activations)
+                                 [merge_all(s.block_inliers, s.d)], s.rows, s.passes, s.activations, s.rules)
         return LayerStats(self.layer, one(self.vision), one(self.text), {**self.meta, "blocks": 1})

@@ -26,22 +26,60 @@ def _finish(fig, ax, path: str | Path) -> Path:
     return path
 
 
+GAP_PARTS = (("gap_shift", "shift (mean term)"), ("gap_scale", "scale (isotropic)"),
+             ("gap_channel", "per channel (diag map)"), ("gap_shape", "shape (what remains)"))
+
+
 def plot_layer_curve(ds: xr.Dataset, path: str | Path, title: str | None = None) -> Path:
-    """Per-layer FD (its mean and covariance terms stacked) with MIR in the title; PNG/PDF/SVG by suffix."""
+    """Per-layer FD (its mean and covariance terms) with MIR in the title and, below, FD split into its gap
+    parts as a stacked bar per layer (a negative per-channel part drawn below zero); PNG/PDF/SVG by suffix."""
     plt = _pyplot()
     layers = ds["layer"].values
-    fig, ax = plt.subplots(figsize=(7, 3.8), constrained_layout=True)
+    bars = all(name in ds for name, _ in GAP_PARTS)
+    if bars:
+        fig, (ax, low) = plt.subplots(2, 1, figsize=(7, 6.4), sharex=True, constrained_layout=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+        _gap_bars(low, ds)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 3.8), constrained_layout=True)
     ax.plot(layers, ds["fd"].values, marker="o", color="C0", label="FD (per-layer MIR)")
     ax.plot(layers, ds["fd_mean_term"].values, ls="--", color="C1", label="mean term ||Δμ||²")
     ax.plot(layers, ds["fd_covariance_term"].values, ls=":", color="C2", label="covariance term")
-    ax.set_xlabel("layer")
+    if not bars:
+        ax.set_xlabel("layer")
     ax.set_ylabel("Fréchet distance (text-normalised)")
     mir = ds.attrs.get("mir")
     label = f"MIR = {mir:.4f}" if isinstance(mir, float) else "MIR"
     if "mir_ci_low" in ds.attrs:
         label += f"  (95% CI {ds.attrs['mir_ci_low']:.4f} – {ds.attrs['mir_ci_high']:.4f})"
     ax.set_title(title or f"{label}   [trace: {ds.attrs.get('sqrt_mode', '?')}]", fontsize=10)
+    if bars:
+        _finish_axis(low)
     return _finish(fig, ax, path)
+
+
+def _gap_bars(ax, ds: xr.Dataset) -> None:
+    """Stacked bars of the gap parts: positive parts stacked up from 0, negative ones down from 0."""
+    layers = ds["layer"].values
+    up, down = [0.0] * len(layers), [0.0] * len(layers)
+    for i, (name, label) in enumerate(GAP_PARTS):
+        values = ds[name].values
+        base = [d if v < 0 else u for v, u, d in zip(values, up, down)]
+        ax.bar(layers, values, bottom=base, color=f"C{i + 1}", width=0.7, label=label)
+        up = [u + max(v, 0.0) for u, v in zip(up, values)]
+        down = [d + min(v, 0.0) for d, v in zip(down, values)]
+    ax.plot(layers, ds["fd"].values, ls="none", marker="_", markersize=24, color="black", label="FD (the sum)")
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("FD by kind of gap")
+
+
+def _finish_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, ncol=2)
 
 
 def plot_mir_by_step(rows: list[dict], path: str | Path) -> Path:

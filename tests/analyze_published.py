@@ -13,17 +13,26 @@ import re
 import numpy as np
 import xarray as xr
 import analyze_reference_beyond as beyond
-from analyze_reference import layer_fd, layer_numbers
+from analyze_reference import iqr_count, layer_fd, layer_numbers, sensitivity_numbers
 from analyze_reference_bootstrap import published_bootstrap
 
 FD_RTOL = 1e-5  # float32 Gram products on centred data
-EXACT, RAW, FD_SHARE, COSINE, SPECTRUM, CONDITION, PASSES, NEGATIVE = (
-    "exact", "raw", "fd-share", "cosine", "spectrum", "condition", "passes", "negative")
+EXACT, RAW, FD_SHARE, COSINE, SPECTRUM, CONDITION, PASSES, NEGATIVE, SHARE, EXTRAPOLATED, SLOPE = (
+    "exact", "raw", "fd-share", "cosine", "spectrum", "condition", "passes", "negative", "share", "extrapolated",
+    "slope")
+EXTRAPOLATION_GAIN = 20  # the OLS intercept of K points weighs each FD by up to ~K: errors grow by that much
 
 DIRECTION, LIST = "direction", "list"
 PUBLISHED_LAYER = {"layer": EXACT, "fd": SPECTRUM, "fd_mean_term": FD_SHARE, "fd_covariance_term": FD_SHARE,
                    "trace_sqrt": SPECTRUM, "scale": RAW, "route": EXACT, "centroid_cosine": COSINE,
-                   "negative_eigenvalue_mass": NEGATIVE, "gap_norm": RAW}
+                   "negative_eigenvalue_mass": NEGATIVE, "gap_norm": RAW, "fd_mean_term_unbiased": FD_SHARE,
+                   "isotropic_scale": SPECTRUM, "cov_term_isotropic": FD_SHARE, "cov_term_trace_matched": FD_SHARE,
+                   "cov_term_channel_matched": FD_SHARE, "gap_shift": FD_SHARE, "gap_scale": FD_SHARE,
+                   "gap_channel": FD_SHARE, "gap_shape": FD_SHARE, "fd_share": SHARE}
+SENSITIVITY_LAYER = {"fd_infinity": EXTRAPOLATED, "fd_infinity_slope": SLOPE, "fd_no_replacement": SPECTRUM,
+                     "fd_iqr_rule": SPECTRUM}
+SENSITIVITY_MODALITY = {"outliers_iqr": EXACT}
+SENSITIVITY_TOP = ("mir_infinity", "mir_no_replacement", "mir_iqr_rule")
 PUBLISHED_MODALITY = {"tokens": EXACT, "outliers": EXACT, "norm_mean": RAW, "norm_median": RAW, "norm_std": RAW,
                       "outlier_threshold": RAW, "tokens_per_channel": RAW, "total_variance": SPECTRUM,
                       "effective_rank": SPECTRUM, "leading_eigenvalues": SPECTRUM, "numerical_rank": EXACT,
@@ -33,7 +42,7 @@ PUBLISHED_MODALITY = {"tokens": EXACT, "outliers": EXACT, "norm_mean": RAW, "nor
                       "top_abs_ratio": LIST, "top_channel": LIST, "top_sample": LIST, "top_position": LIST,
                       "top_role": LIST}
 PUBLISHED_TOP = {"mir", "mode", "n_samples", "n_vision_tokens", "n_text_tokens", "layers", "bootstrap", "warnings",
-                 "settings", "cache", "elapsed_s", "versions"}
+                 "settings", "cache", "elapsed_s", "versions", "fd_layer_mean", "sensitivity"}
 
 
 def reference_inputs(selection) -> list[tuple]:
@@ -43,14 +52,27 @@ def reference_inputs(selection) -> list[tuple]:
             for i in range(len(selection.layers))]
 
 
-def reference_document(selection, bootstrap: dict | None = None) -> dict:
-    """What the JSON should say. `bootstrap`: {"replicates", "seed"} when one was asked for."""
+def reference_document(selection, bootstrap: dict | None = None, sensitivity: bool = False) -> dict:
+    """What the JSON should say. `bootstrap`: {"replicates", "seed"} when one was asked for; `sensitivity`:
+    FD-infinity and the outlier-rule variants too."""
     inputs = reference_inputs(selection)
     layers = [layer_numbers(v, t, int(layer)) for layer, (v, _, t, _) in zip(selection.layers, inputs)]
     for ref, (v, _, t, _) in zip(layers, inputs):
         add_beyond_numbers(ref, selection, v, t)
-    doc = {"mir": math.log10(sum(r["fd"] for r in layers)), "n_samples": len(selection.sample_index),
+    total = sum(r["fd"] for r in layers)
+    for r in layers:
+        r["fd_share"] = r["fd"] / total
+    doc = {"mir": math.log10(total), "n_samples": len(selection.sample_index), "fd_layer_mean": total / len(layers),
            "n_vision_tokens": len(inputs[0][0]), "n_text_tokens": len(inputs[0][2]), "layers": layers}
+    if sensitivity:
+        for r, (v, vs, t, ts) in zip(layers, inputs):
+            r.update(sensitivity_numbers(v, vs, t, ts, selection.sample_index))
+            r["vision"]["outliers_iqr"], r["text"]["outliers_iqr"] = iqr_count(v.astype(float)), iqr_count(
+                t.astype(float))
+        sums = {name: sum(r[field] for r in layers) for name, field in (
+            ("mir_infinity", "fd_infinity"), ("mir_no_replacement", "fd_no_replacement"),
+            ("mir_iqr_rule", "fd_iqr_rule"))}
+        doc["sensitivity"] = {name: math.log10(x) if x > 0 else math.nan for name, x in sums.items()}
     if bootstrap:
         doc["bootstrap"] = published_bootstrap(inputs, selection.sample_index, bootstrap["replicates"],
                                                bootstrap["seed"])
@@ -105,24 +127,45 @@ def _close(kind: str, got, want, fd: float, where: str, rtol: float = FD_RTOL) -
         assert (math.isinf(got) and math.isinf(want)) or 0.3 * want <= got <= want * (1 + 1e-3), (where, got, want)
     elif kind == PASSES:
         assert got in (1, 2, 3, 4), (where, got)
+    elif kind == SHARE:  # a ratio of FDs
+        assert abs(got - want) <= 2 * rtol, (where, got, want)
+    elif kind == EXTRAPOLATED:
+        assert abs(got - want) <= EXTRAPOLATION_GAIN * rtol * (abs(want) + abs(fd)), (where, got, want)
     else:
         raise AssertionError(f"no comparison named {kind}")
+
+
+def _close_log(got, want: float, name: str) -> None:
+    """A log10 of summed FDs; nan (JSON null) where the sum is not positive (FD-infinity can be negative)."""
+    got = math.nan if got is None else got
+    if math.isnan(want):
+        assert math.isnan(got), (name, got)
+    else:
+        assert abs(got - want) <= EXTRAPOLATION_GAIN * FD_RTOL, (name, got, want)
 
 
 def check_layers(got_layers: list[dict], ref_layers: list[dict], rtol: float = FD_RTOL) -> None:
     """Every published per-layer number equals the reference; every published field is known here."""
     assert [g["layer"] for g in got_layers] == [r["layer"] for r in ref_layers]
+    sensitive = "fd_infinity" in ref_layers[0]
+    layer_fields = {**PUBLISHED_LAYER, **(SENSITIVITY_LAYER if sensitive else {})}
+    modality_fields = {**PUBLISHED_MODALITY, **(SENSITIVITY_MODALITY if sensitive else {})}
     for got, ref in zip(got_layers, ref_layers):
-        assert set(got) == set(PUBLISHED_LAYER) | {"vision", "text"}, sorted(set(got) ^ set(PUBLISHED_LAYER))
-        for name, kind in PUBLISHED_LAYER.items():
-            if kind == NEGATIVE:
+        assert set(got) == set(layer_fields) | {"vision", "text"}, sorted(set(got) ^ set(layer_fields))
+        parts = sum(got[name] for name in ("gap_shift", "gap_scale", "gap_channel", "gap_shape"))
+        assert abs(parts - got["fd"]) <= 1e-9 * abs(got["fd"]) + 1e-12, (got["layer"], parts, got["fd"])
+        for name, kind in layer_fields.items():
+            if kind == SLOPE:  # k ~ N x FD: its error is N times an FD's
+                scale = abs(ref[name]) + max(ref["subset_samples"]) * abs(ref["fd"])
+                assert abs(got[name] - ref[name]) <= EXTRAPOLATION_GAIN * rtol * scale, (got["layer"], name)
+            elif kind == NEGATIVE:
                 scale = got["vision"]["total_variance"] + got["text"]["total_variance"]
                 assert 0 <= got[name] <= 1e-6 * scale, (got["layer"], name, got[name])
             else:
                 _close(kind, got[name], ref[name], ref["fd"], f"layer {got['layer']} {name}", rtol)
         for m in ("vision", "text"):
-            assert set(got[m]) == set(PUBLISHED_MODALITY), sorted(set(got[m]) ^ set(PUBLISHED_MODALITY))
-            for name, kind in PUBLISHED_MODALITY.items():
+            assert set(got[m]) == set(modality_fields), sorted(set(got[m]) ^ set(modality_fields))
+            for name, kind in modality_fields.items():
                 _close(kind, got[m][name], ref[m].get(name), ref["fd"], f"layer {got['layer']} {m} {name}", rtol)
 
 
@@ -160,6 +203,13 @@ def check_document(doc: dict, ref: dict, *, mode: str = "exact", rtol: float = F
     for name in ("n_samples", "n_vision_tokens", "n_text_tokens"):
         assert doc[name] == ref[name], (name, doc[name], ref[name])
     check_layers(doc["layers"], ref["layers"], rtol)
+    assert abs(doc["fd_layer_mean"] - ref["fd_layer_mean"]) <= rtol * ref["fd_layer_mean"]
+    if "sensitivity" in ref:
+        assert set(doc["sensitivity"]) == set(SENSITIVITY_TOP), doc["sensitivity"]
+        for name in SENSITIVITY_TOP:  # log10 of sums of FDs: an FD's relative error / ln 10, extrapolation's gain
+            _close_log(doc["sensitivity"][name], ref["sensitivity"][name], name)
+    else:
+        assert doc["sensitivity"] is None
     if "bootstrap" in ref:
         check_bootstrap(doc["bootstrap"], ref["bootstrap"])
     else:
@@ -183,7 +233,8 @@ def layers_from_dataset(ds: xr.Dataset) -> list[dict]:
         for name, var in ds.data_vars.items():
             if var.dims in (("replicate",), ("layer", "sample")):
                 continue  # the bootstrap's MIR replicates and per-sample values: check_dataset
-            assert name in PUBLISHED_LAYER or name in PUBLISHED_MODALITY, f"netCDF variable {name!r} is not checked"
+            known = {**PUBLISHED_LAYER, **PUBLISHED_MODALITY, **SENSITIVITY_LAYER, **SENSITIVITY_MODALITY}
+            assert name in known, f"netCDF variable {name!r} is not checked"
             if var.dims == ("layer",):
                 value = var.values[i]
                 row[name] = value.decode() if isinstance(value, bytes) else value.item()
@@ -195,7 +246,8 @@ def layers_from_dataset(ds: xr.Dataset) -> list[dict]:
     return out
 
 
-DATASET_ATTRS = {"mir", "sqrt_mode", "n_samples", "n_vision_tokens", "n_text_tokens", "settings", "versions"}
+DATASET_ATTRS = {"mir", "sqrt_mode", "n_samples", "n_vision_tokens", "n_text_tokens", "settings", "versions",
+                 "fd_layer_mean"}
 BOOTSTRAP_ATTRS = {"bootstrap_replicates": "replicates", "bootstrap_seed": "seed", "bootstrap_level": "level",
                    "mir_ci_low": "ci_low", "mir_ci_high": "ci_high", "mir_bootstrap_std": "std",
                    "mir_delta_std": "delta_std", "bootstrap_method": "method", "bootstrap_unit": "unit",
@@ -206,8 +258,12 @@ BOOTSTRAP_ATTRS = {"bootstrap_replicates": "replicates", "bootstrap_seed": "seed
 def check_dataset(ds: xr.Dataset, ref: dict, *, mode: str = "exact") -> None:
     """The netCDF: every variable and attribute."""
     check_layers(layers_from_dataset(ds), ref["layers"])
-    expected = DATASET_ATTRS | (set(BOOTSTRAP_ATTRS) if "bootstrap" in ref else set())
+    expected = DATASET_ATTRS | (set(BOOTSTRAP_ATTRS) if "bootstrap" in ref else set()) | \
+        (set(SENSITIVITY_TOP) if "sensitivity" in ref else set())
     assert set(ds.attrs) == expected, sorted(set(ds.attrs) ^ expected)
+    assert abs(ds.attrs["fd_layer_mean"] - ref["fd_layer_mean"]) <= FD_RTOL * ref["fd_layer_mean"]
+    for name in SENSITIVITY_TOP if "sensitivity" in ref else ():
+        _close_log(ds.attrs[name], ref["sensitivity"][name], name)
     assert abs(ds.attrs["mir"] - ref["mir"]) <= 1e-6 and ds.attrs["n_samples"] == ref["n_samples"]
     assert ds.attrs["n_vision_tokens"] == ref["n_vision_tokens"] and ds.attrs["n_text_tokens"] == ref["n_text_tokens"]
     assert ds.attrs["sqrt_mode"] == mode
@@ -236,6 +292,12 @@ def check_analyze_table(text: str, ref: dict) -> None:
         for got, name in ((low, "ci_low"), (high, "ci_high")):  # as FDs (see check_bootstrap); 6 decimals printed
             w = 10 ** boot[name]
             assert abs(10 ** float(got) - w) <= FD_RTOL * (scale + w) + 3e-6 * w, (got, name)
+    assert math.isclose(float(re.search(r"mean FD per layer (\S+?);?\s", text + " ").group(1)), ref["fd_layer_mean"],
+                        rel_tol=1e-5)
+    if "sensitivity" in ref:
+        for label, name in (("MIR-infinity", "mir_infinity"), ("without outlier replacement", "mir_no_replacement"),
+                            ("IQR rule", "mir_iqr_rule")):
+            _close_log(_num(re.search(label + r" (\S+?)[,\n]", text + "\n").group(1)), ref["sensitivity"][name], label)
     rows = {int(p[0]): p for p in (line.split() for line in text.splitlines()) if p and p[0].isdigit()}
     assert sorted(rows) == [r["layer"] for r in ref["layers"]]
     for r in ref["layers"]:
@@ -243,6 +305,11 @@ def check_analyze_table(text: str, ref: dict) -> None:
         for got, want in zip(p[1:5], (r["fd"], r["fd_mean_term"], r["fd_covariance_term"], r["scale"])):
             assert abs(_num(got) - want) <= 1e-4 * abs(want) + FD_RTOL * r["fd"], (p, want)
         assert p[5] == f"{r['vision']['outliers']}/{r['text']['outliers']}" and p[6] == r["route"]
+        assert abs(float(p[7]) - r["fd_share"]) <= 6e-5, (p, r["fd_share"])
+        if "sensitivity" in ref:
+            for got, name in zip(p[8:11], ("fd_infinity", "fd_no_replacement", "fd_iqr_rule")):
+                slack = EXTRAPOLATION_GAIN * FD_RTOL * r["fd"]
+                assert abs(_num(got) - r[name]) <= 1e-4 * abs(r[name]) + slack, (p, name)
 
 
 def check_stats_table(text: str, ref: dict) -> None:
@@ -252,6 +319,28 @@ def check_stats_table(text: str, ref: dict) -> None:
     seen, layer = set(), None
     for line in text.splitlines()[2:]:
         p = line.split()
+        if p[0] == "gap":
+            r = by_layer[layer]
+            m = re.search(r"shift (\S+) \+ scale (\S+) \+ channel (\S+) \+ shape (\S+); unbiased mean term (\S+); "
+                          r"share (\S+)", line)
+            names = ("gap_shift", "gap_scale", "gap_channel", "gap_shape", "fd_mean_term_unbiased")
+            for got, name in zip(m.groups()[:5], names):
+                assert abs(float(got) - r[name]) <= 1e-4 * abs(r[name]) + FD_RTOL * r["fd"], (line, name)
+            assert abs(float(m.group(6)) - r["fd_share"]) <= 6e-5, line
+            seen.add((layer, "gap"))
+            continue
+        if p[0] == "sens.":
+            r = by_layer[layer]
+            m = re.search(r"FD-inf (\S+) \(k (\S+)\); FD without replacement (\S+); FD IQR rule (\S+) "
+                          r"\(outliers (\d+)/(\d+)\)", line)
+            for got, name in zip(m.groups()[:4], ("fd_infinity", "fd_infinity_slope", "fd_no_replacement",
+                                                  "fd_iqr_rule")):
+                slack = max(r["subset_samples"]) if name == "fd_infinity_slope" else 1
+                assert abs(_num(got) - r[name]) <= 1e-4 * abs(r[name]) + EXTRAPOLATION_GAIN * FD_RTOL * slack * \
+                    r["fd"], (line, name)
+            assert (int(m.group(5)), int(m.group(6))) == (r["vision"]["outliers_iqr"], r["text"]["outliers_iqr"])
+            seen.add((layer, "sens."))
+            continue
         if p[0] == "cross":
             r = by_layer[layer]
             m = re.search(r"scale a (\S+); FD (\S+) = mean term (\S+) \+ covariance term (\S+); "
@@ -279,4 +368,5 @@ def check_stats_table(text: str, ref: dict) -> None:
         assert math.isclose(_num(p[12]), want["top_abs_ratio"][0], rel_tol=1e-4), line
         assert p[13] == f"{want['massive_channels_100x']}/{want['massive_channels_1000x']}", line
         seen.add((layer, mod))
-    assert seen == {(r["layer"], m) for r in ref["layers"] for m in ("vision", "text", "cross")}
+    rows = ("vision", "text", "cross", "gap") + (("sens.",) if "sensitivity" in ref else ())
+    assert seen == {(r["layer"], m) for r in ref["layers"] for m in rows}

@@ -40,15 +40,29 @@ def _warn(result) -> None:
         click.echo(f"warning: {w}", err=True)
 
 
+def _mir_text(x: float) -> str:
+    return f"{x:.6f}" if math.isfinite(x) else "nan"
+
+
 def _fmt(x: float, width: int = 11) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return f"{'nan':>{width}}"
     return f"{x:>{width}.5g}"
 
 
+def sensitivity_option(fn):
+    """The opt-in statistics that cost extra full trace solves per layer (analyze/extrapolate.py)."""
+    return click.option("--sensitivity", is_flag=True,
+                        help="Also FD-infinity / MIR-infinity (FD at N/4, N/2, 3N/4 and N samples of seeded sample "
+                             "groups, fitted as FD_inf + k/N) and MIR without outlier replacement and with the "
+                             "reference code's IQR rule: 5 more trace solves per layer, and 6 d x d "
+                             "statistics per layer and modality instead of 1, in memory and cache.")(fn)
+
+
 @click.command("analyze")
 @selection_options
 @trace_options(bootstrap_default=0)
+@sensitivity_option
 @click.option("--netcdf", "netcdf_path", default=None, type=click.Path(dir_okay=False),
               help="Write the per-layer xarray Dataset as netCDF.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
@@ -93,18 +107,29 @@ def format_result(result) -> str:
         if "mir_bca_low" in a:
             lines.append(f"BCa 95% CI [{a['mir_bca_low']:.6f}, {a['mir_bca_high']:.6f}]  (bias-corrected and "
                          "accelerated: covers closer to 95% where the spread changes with MIR; README, Uncertainty)")
+    lines.append(f"mean FD per layer {float(ds.attrs['fd_layer_mean']):.6g}" + (
+        f"; --sensitivity (exact trace): MIR-infinity {_mir_text(ds.attrs['mir_infinity'])}, without outlier "
+        f"replacement {_mir_text(ds.attrs['mir_no_replacement'])}, IQR rule {_mir_text(ds.attrs['mir_iqr_rule'])}"
+        if "mir_infinity" in ds.attrs else ""))
+    sensitive = "fd_infinity" in ds
     lines.append(f"{'layer':>5} {'FD':>11} {'mean term':>11} {'cov term':>11} {'scale a':>11} "
-                 f"{'outl. v/t':>11}  route")
+                 f"{'outl. v/t':>11}  route      {'share':>7}"
+                 + (f" {'FD-inf':>11} {'FD no repl':>11} {'FD IQR':>11}" if sensitive else ""))
     for layer in ds["layer"].values:
         s = ds.sel(layer=layer)
         out = f"{int(s['outliers'].sel(modality='vision'))}/{int(s['outliers'].sel(modality='text'))}"
-        lines.append(f"{layer:>5} {_fmt(float(s['fd']))} {_fmt(float(s['fd_mean_term']))} "
-                     f"{_fmt(float(s['fd_covariance_term']))} {_fmt(float(s['scale']))} {out:>11}  {s['route'].item()}")
+        line = (f"{layer:>5} {_fmt(float(s['fd']))} {_fmt(float(s['fd_mean_term']))} "
+                f"{_fmt(float(s['fd_covariance_term']))} {_fmt(float(s['scale']))} {out:>11}  {s['route'].item():<10} "
+                f"{float(s['fd_share']):>7.4f}")
+        if sensitive:
+            line += "".join(f" {_fmt(float(s[name]))}" for name in ("fd_infinity", "fd_no_replacement", "fd_iqr_rule"))
+        lines.append(line)
     return "\n".join(lines)
 
 
 @click.command("stats")
 @selection_options
+@sensitivity_option
 def stats_cmd(json_path, **kwargs):
     """Per-layer, per-modality distribution statistics of ARCHIVES: norms, outliers, variance, spectrum."""
     result = run_analysis(**kwargs)
@@ -135,4 +160,14 @@ def _stats_table(result) -> str:
                      f"centroid cosine {float(s['centroid_cosine']):.4f}; gap ||d|| {float(s['gap_norm']):.4f}, "
                      f"|cos| with PC1 vision {float(s['gap_cosine'].sel(modality='vision')[0]):.4f} text "
                      f"{float(s['gap_cosine'].sel(modality='text')[0]):.4f}")
+        lines.append(f"{'':>5} {'gap':>8} shift {float(s['gap_shift']):.5g} + scale {float(s['gap_scale']):.5g} + "
+                     f"channel {float(s['gap_channel']):.5g} + shape {float(s['gap_shape']):.5g}; unbiased mean term "
+                     f"{float(s['fd_mean_term_unbiased']):.5g}; share {float(s['fd_share']):.4f}")
+        if "fd_infinity" in ds:
+            iqr = s["outliers_iqr"]
+            lines.append(f"{'':>5} {'sens.':>8} FD-inf {float(s['fd_infinity']):.5g} "
+                         f"(k {float(s['fd_infinity_slope']):.5g}); "
+                         f"FD without replacement {float(s['fd_no_replacement']):.5g}; FD IQR rule "
+                         f"{float(s['fd_iqr_rule']):.5g} (outliers {int(iqr.sel(modality='vision'))}/"
+                         f"{int(iqr.sel(modality='text'))})")
     return "\n".join(lines)
