@@ -104,7 +104,7 @@ D summed over layers)."""
     mirs = np.where(totals > 0, np.log10(np.abs(totals)), np.nan)
     finite = mirs[np.isfinite(mirs)]
     d = influence - influence.mean()
-    bca = _bca(finite, math.log10(fd_total), d)
+    bca = bca_reference(finite, math.log10(fd_total), d)
     return {**bca, "replicates": replicates, "seed": seed, "level": CI_LEVEL, "unit": "sample", "units": n,
             "ci_low": float(np.quantile(finite, (1 - CI_LEVEL) / 2)),
             "ci_high": float(np.quantile(finite, (1 + CI_LEVEL) / 2)), "std": float(np.std(finite, ddof=1)),
@@ -113,7 +113,7 @@ D summed over layers)."""
 
 
 
-def _bca(finite: np.ndarray, estimate: float, u: np.ndarray) -> dict:
+def bca_reference(finite: np.ndarray, estimate: float, u: np.ndarray) -> dict:
     """Efron's BCa interval with the acceleration from the (centred) per-sample influence values."""
     from scipy.stats import norm
     accel = float(np.sum(u ** 3) / (6 * np.sum(u ** 2) ** 1.5))
