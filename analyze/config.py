@@ -22,6 +22,7 @@ class ReadConfig:
     rows_per_bin: int = 512  # ... and at most one per 512 rows: a block's counts stay within ~1/4 of its size
     sparse_count: int = 64  # a bin holding at most this many of a block's values is gathered value by value
     sparse_values: int = 1024  # values gathered per column and block at most
+    sparse_densify: int = 256  # a key gathered this often (5 B each) is folded into a 1 KiB row of counts
     sparse_kept_per_column: int = 8192  # gathered values kept per column of a layer and modality; beyond: read 2
     dense_slots_per_column: int = 64  # window histograms kept per column (blocks' windows differ a little)
     dense_slots_bytes: int = 128 * 2**20  # ... and in all, unless 16 per column need more

@@ -67,6 +67,8 @@ class ScanPartial:
         """The same partial within the config's limits: what exceeds them is dropped and marked unknown."""
         d, cfg = self.hist.shape[0], self.config
         window = self.window
+        if window is not None and len(window.sparse_keys) > cfg.sparse_densify * d:
+            window = window.densified(cfg.sparse_densify, cfg.dense_slots_kept(d) - len(window.keys))
         if window is not None and len(window.sparse_keys) > cfg.sparse_kept_per_column * d:
             window = window.without_sparse()
         if window is not None and len(window.keys) > cfg.dense_slots_kept(d):

@@ -48,6 +48,29 @@ class WindowCounts:
         return WindowCounts(keys, counts, np.concatenate([self.sparse_keys, other.sparse_keys]),
                             np.concatenate([self.sparse_bytes, other.sparse_bytes]))
 
+    def densified(self, least: int, room: int) -> WindowCounts:
+        """The same counts with every sparse key of at least `least` gathered values folded into a dense
+        256-bin row (at most `room` new rows, the most-gathered first). Why: a bin a chunk found small
+        (sparse_count) can be the median bin of the whole column; over many chunks its gathered values
+        (5 bytes each) outgrow one row of counts (1 KiB) and would hit sparse_kept_per_column."""
+        if len(self.sparse_keys) == 0 or room <= 0:
+            return self
+        per_key = np.bincount(self.sparse_keys)
+        big = np.flatnonzero(per_key >= least)
+        if len(big) == 0:
+            return self
+        if len(big) > room:
+            big = np.sort(big[np.argsort(per_key[big], kind="stable")[::-1][:room]])
+        rank = np.full(len(per_key), -1, np.int64)
+        rank[big] = np.arange(len(big))
+        r = rank[self.sparse_keys]
+        moved = r >= 0
+        rows = np.bincount(r[moved] * 256 + self.sparse_bytes[moved], minlength=len(big) * 256)
+        extra = WindowCounts(big.astype(np.int64), rows.astype(np.int32).reshape(-1, 256), self.sparse_keys[:0],
+                             self.sparse_bytes[:0])
+        rest = WindowCounts(self.keys, self.counts, self.sparse_keys[~moved], self.sparse_bytes[~moved])
+        return rest.merge(extra)
+
     def without_sparse(self) -> WindowCounts:
         """The same counts without the gathered values (too many kept): columns needing them get a second read."""
         return WindowCounts(self.keys, self.counts, self.sparse_keys[:0], self.sparse_bytes[:0])

@@ -78,3 +78,23 @@ def test_samples_that_differ_strongly_still_resolve():
     assert blocks == 5
     got = counts.second_byte(state.prefix & 0xFF, state.count)
     assert got is not None and np.array_equal(got, byte_histogram(x, 1, state.prefix))
+
+
+def test_densified_counts_are_the_same_counts():
+    """Folding often-gathered sparse keys into dense rows (what a unit's merged partial does before the
+    sparse cap) changes the storage, never the second-byte counts; `room` limits the new rows."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((40000, 16)).astype(np.float16)
+    x -= np.median(x.astype(np.float64), axis=0).astype(np.float16)  # medians among the small, gathered bins
+    state, counts, _ = _scan_blocks(x, [10000, 20000, 30000])
+    top, truth = state.prefix & 0xFF, byte_histogram(x, 1, state.prefix)
+    per_key = np.bincount(counts.sparse_keys)
+    for least, room in ((1, 10**6), (int(per_key.max()), 10**6), (2, 3), (int(per_key.max()) + 1, 10**6)):
+        dense = counts.densified(least, room)
+        moved = len(counts.sparse_keys) - len(dense.sparse_keys)
+        assert len(dense.keys) - len(counts.keys) <= room and moved == dense.counts.sum() - counts.counts.sum()
+        assert np.all(np.bincount(dense.sparse_keys, minlength=len(per_key)) < max(least, 1)) or room == 3
+        got = dense.second_byte(top, state.count)
+        assert got is not None and np.array_equal(got, truth)
+    assert len(counts.densified(1, 10**6).sparse_keys) == 0
+    assert len(counts.densified(int(per_key.max()) + 1, 10**6).keys) == len(counts.keys)
