@@ -28,6 +28,7 @@ except ImportError:
     njit = None
 
 AVAILABLE = njit is not None
+ROWS = 8  # unit-sum block: 8 rows (16 KiB of float16 at d = 1024, 64 KiB at 4096) stay in cache between the loops
 TILE = 16  # transpose tile: 16 rows of 64-byte lines stay in L1 whatever the row stride
 _VALUES16 = np.arange(65536, dtype=np.uint16).view(np.float16)
 F16_TO_F64 = _VALUES16.astype(np.float64)  # every float16 bit pattern's value (512 KiB, stays in cache)
@@ -39,32 +40,44 @@ if AVAILABLE:
 
     @_sum
     def _row_norms16(bits, table, out, unit_sum):
-        """Row norms, and the sum of the rows divided by their norms (the row is still in L1)."""
+        """Row norms, then, per block of ROWS rows still in L1, the sum of the rows divided by their norms.
+        Why blocks and a second lookup: storing the looked-up values for reuse keeps the norm loop from
+        vectorising (2.4x slower, measured), while a second lookup of rows in L1 costs one norm loop."""
         n, d = bits.shape
-        for i in range(n):
-            acc = 0.0
-            for j in range(d):
-                v = table[bits[i, j]]
-                acc += v * v
-            out[i] = np.sqrt(acc)
-            if acc > 0.0:
-                inv = 1.0 / out[i]
+        weight = np.empty(ROWS)
+        for i0 in range(0, n, ROWS):
+            i1 = min(i0 + ROWS, n)
+            for i in range(i0, i1):
+                acc = 0.0
                 for j in range(d):
-                    unit_sum[j] += table[bits[i, j]] * inv
+                    v = table[bits[i, j]]
+                    acc += v * v
+                out[i] = np.sqrt(acc)
+                weight[i - i0] = 1.0 / out[i] if acc > 0.0 else 0.0
+            for i in range(i0, i1):
+                w = weight[i - i0]
+                if w != 0.0:
+                    for j in range(d):
+                        unit_sum[j] += table[bits[i, j]] * w
 
     @_sum
     def _row_norms32(x, out, unit_sum):
         n, d = x.shape
-        for i in range(n):
-            acc = 0.0
-            for j in range(d):
-                v = np.float64(x[i, j])
-                acc += v * v
-            out[i] = np.sqrt(acc)
-            if acc > 0.0:
-                inv = 1.0 / out[i]
+        weight = np.empty(ROWS)
+        for i0 in range(0, n, ROWS):
+            i1 = min(i0 + ROWS, n)
+            for i in range(i0, i1):
+                acc = 0.0
                 for j in range(d):
-                    unit_sum[j] += np.float64(x[i, j]) * inv
+                    v = np.float64(x[i, j])
+                    acc += v * v
+                out[i] = np.sqrt(acc)
+                weight[i - i0] = 1.0 / out[i] if acc > 0.0 else 0.0
+            for i in range(i0, i1):
+                w = weight[i - i0]
+                if w != 0.0:
+                    for j in range(d):
+                        unit_sum[j] += np.float64(x[i, j]) * w
 
     @_exact
     def _transpose(bits, out):
@@ -84,21 +97,26 @@ if AVAILABLE:
         d, n = columns.shape
         k = top_bits.shape[0]
         mask = 0x7FFF if shift == 8 else 0x7FFFFFFF
-        key_shift = 0 if shift == 8 else 16
-        low_mask = 0 if shift == 8 else 0xFFFF
         low = 0
         filled = 0
         worst = 0
         for j in range(d):
             m = 0
-            for i in range(n):
-                b = columns[j, i]
-                hist[j, (b >> shift) & 0xFF] += 1
-                a = b & mask
-                abs_hist[a >> key_shift] += 1
-                low |= b & low_mask
-                if a > m:
-                    m = a
+            if shift == 8:  # float16: literal shifts and masks, no low bits (measured 30% faster than generic)
+                for i in range(n):
+                    b = columns[j, i]
+                    hist[j, b >> 8] += 1
+                    a = b & 0x7FFF
+                    abs_hist[a] += 1
+                    m = max(m, a)
+            else:
+                for i in range(n):
+                    b = columns[j, i]
+                    hist[j, b >> 24] += 1
+                    a = b & 0x7FFFFFFF
+                    abs_hist[a >> 16] += 1
+                    low |= b & 0xFFFF
+                    m = max(m, a)
             channel_max[j] = m
             if filled == k and m < top_bits[worst]:
                 continue
