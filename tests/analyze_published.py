@@ -169,7 +169,9 @@ def check_layers(got_layers: list[dict], ref_layers: list[dict], rtol: float = F
                 _close(kind, got[m][name], ref[m].get(name), ref["fd"], f"layer {got['layer']} {m} {name}", rtol)
 
 
-def check_bootstrap(got: dict, ref: dict) -> None:
+def check_bootstrap(got: dict, ref: dict, influence: tuple | None = None) -> None:
+    """The bootstrap fields; `influence`: (summed FD, per-sample influence summed over layers) where `got`
+    does not hold them (the netCDF's attributes)."""
     for name in ("replicates", "seed", "level", "unit", "units"):
         assert got[name] == ref[name], (name, got[name], ref[name])
     replicates = np.array([np.nan if x is None else x for x in got["mir_replicates"]], np.float64)  # JSON null: nan
@@ -184,8 +186,9 @@ def check_bootstrap(got: dict, ref: dict) -> None:
     # are checked against the reference above; z0 counts replicates below MIR, so a replicate that sits next
     # to MIR within the replicates' tolerance may change sides, and in a sparse tail that moves an end far)
     finite = replicates[np.isfinite(replicates)]
-    influence = np.asarray(got["fd_influence"], np.float64)
-    want = bca_reference(finite, math.log10(got["fd_total"]), influence - influence.mean())
+    fd_total, values = influence if influence is not None else (got["fd_total"], got["fd_influence"])
+    values = np.asarray(values, np.float64)
+    want = bca_reference(finite, math.log10(fd_total), values - values.mean())
     for name in ("bca_low", "bca_high", "bca_z0"):
         assert abs(got[name] - want[name]) <= 1e-9 * max(1.0, abs(want[name])), (name, got[name], want[name])
     assert abs(got["bca_z0"] - ref["bca_z0"]) <= 3.0 / math.sqrt(len(finite)), (got["bca_z0"], ref["bca_z0"])
@@ -278,7 +281,7 @@ def check_dataset(ds: xr.Dataset, ref: dict, *, mode: str = "exact") -> None:
     if "bootstrap" in ref:
         got = {key: ds.attrs[attr] for attr, key in BOOTSTRAP_ATTRS.items()}
         got["mir_replicates"] = ds["mir_replicate"].values
-        check_bootstrap(got, ref["bootstrap"])
+        check_bootstrap(got, ref["bootstrap"], (float(ds["fd"].sum()), ds["fd_influence"].sum("layer").values))
         assert ds["fd_influence"].dims == ("layer", "sample")
         assert ds["sample_id"].values.astype(str).tolist() == ref["bootstrap"]["sample_ids"]
         np.testing.assert_allclose(ds["fd_influence"].sum("layer").values, ref["bootstrap"]["fd_influence"],
