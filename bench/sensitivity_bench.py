@@ -62,7 +62,7 @@ def measure(archive: Path, work: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true")
-    ap.add_argument("--archive", default=None, help="an existing d = 4096 archive (e.g. /work/data/paper-2L.zarr)")
+    ap.add_argument("--archive", default=None, help="an existing d = 4096 archive (e.g. one made by mir synth, README: Benchmarks)")
     ap.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "mir-sensitivity-bench"))
     args = ap.parse_args()
     work = Path(args.dir)
