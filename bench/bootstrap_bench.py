@@ -1,8 +1,8 @@
 """What `mir analyze --bootstrap B` costs at the paper's width, measured side by side in one run.
 
-    flock /tmp/heavy.lock python bench/bootstrap_bench.py          # d = 4096, LLaVA-1.5-7B-like shape
+    python bench/bootstrap_bench.py          # d = 4096, LLaVA-1.5-7B-like shape
     python bench/bootstrap_bench.py --small                         # a quick check of the script itself
-    flock /tmp/heavy.lock python bench/bootstrap_bench.py --archive /work/data/paper-2L.zarr   # an existing one
+    python bench/bootstrap_bench.py --archive paper.zarr   # an existing one
 
 On one synthetic archive shaped like LLaVA-1.5-7B (hidden size 4096, 100 samples, 576 vision + ~800
 text tokens per sample; 2 of the decoder layers: scaled down in layer count, never in width), three

@@ -7,9 +7,9 @@ argument-less operators over every module of analyze/, and the run stops at a wa
 run is bounded whatever the code size; the report says how many were drawn and run.
 
     pip install cosmic-ray==8.7.0
-    flock /tmp/heavy.lock python bench/mutation_analyze.py --sample 80 --budget 1350 --out /tmp/mut.json
+    python bench/mutation_analyze.py --sample 80 --budget 1350 --out /tmp/mut.json
     # another checkout (e.g. a `git worktree` of an older commit), with this venv:
-    flock /tmp/heavy.lock python bench/mutation_analyze.py --root /tmp/wt-base ...
+    python bench/mutation_analyze.py --root /tmp/wt-base ...
 
 Each mutant runs `pytest -x` over tests/test_analyze_*.py of --root (with PYTHONPATH=--root), so a
 killed mutant usually costs a few seconds and a survivor the whole analysis suite (~30 s on 2 cores).

@@ -3,7 +3,7 @@ on the same decompressed chunks, side by side in one run; and a float32 Gram pro
 chunks, the one-pass floor's compute, for scale.
 
     python bench/scan_cost_bench.py --baseline-tree /tmp/base            # synthesises a d = 4096 archive
-    python bench/scan_cost_bench.py --archive /work/data/paper-2L.zarr --baseline-tree /tmp/base
+    python bench/scan_cost_bench.py --archive paper.zarr --baseline-tree /tmp/base
 
 Why: the per-value statistics of activations.py (sum of unit rows, |h| histogram, per-channel max, top-k)
 run inside the scan, the loop whose cost the one-pass floor ratio of analyze_bench.py measures. The

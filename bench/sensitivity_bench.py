@@ -1,7 +1,7 @@
 """What `mir analyze --sensitivity` costs over a plain analysis, measured side by side in one run.
 
     python bench/sensitivity_bench.py                                     # d = 1024 (synthesised) and d = 4096
-    python bench/sensitivity_bench.py --archive /work/data/paper-2L.zarr  # d = 4096 from an existing archive
+    python bench/sensitivity_bench.py --archive paper.zarr  # d = 4096 from an existing archive
     python bench/sensitivity_bench.py --small                             # a quick check of the script
 
 Shapes: the paper's per-sample token counts (100 samples, 576 vision + ~800 text tokens, float16),
