@@ -122,9 +122,10 @@ def _close(kind: str, got, want, fd: float, where: str, rtol: float = FD_RTOL) -
         assert g.shape == w.shape and (np.isnan(g) == np.isnan(w)).all(), (where, got, want)
         scale = np.nanmax(np.abs(w))
         assert np.all(np.abs(g - w)[~np.isnan(w)] <= rtol * scale), (where, got, want)
-    elif kind == CONDITION:  # LAPACK's 1-norm estimate: a lower bound, within a small factor; JSON null: inf
+    elif kind == CONDITION:  # LAPACK's 1-norm estimate (Hager-Higham): a lower bound, rarely 10x off (measured 0.25x on a near-singular
+        # float32 case, the value depending on the BLAS threads rounding); JSON null: inf
         got = math.inf if got is None else got
-        assert (math.isinf(got) and math.isinf(want)) or 0.3 * want <= got <= want * (1 + 1e-3), (where, got, want)
+        assert (math.isinf(got) and math.isinf(want)) or 0.1 * want <= got <= want * (1 + 1e-3), (where, got, want)
     elif kind == PASSES:
         assert got in (1, 2, 3, 4), (where, got)
     elif kind == SHARE:  # a ratio of FDs
@@ -373,7 +374,7 @@ def check_stats_table(text: str, ref: dict) -> None:
         assert math.isclose(_num(p[9]), want["leading_eigenvalues"][0], rel_tol=1e-4), line
         cond = _num(p[10])
         assert (math.isinf(want["condition_number"]) and math.isnan(cond)) or \
-            0.3 * want["condition_number"] <= cond <= 1.001 * want["condition_number"], line
+            0.1 * want["condition_number"] <= cond <= 1.001 * want["condition_number"], line
         assert math.isclose(_num(p[11]), want["abs_median"], rel_tol=1e-4), line
         assert math.isclose(_num(p[12]), want["top_abs_ratio"][0], rel_tol=1e-4), line
         assert p[13] == f"{want['massive_channels_100x']}/{want['massive_channels_1000x']}", line

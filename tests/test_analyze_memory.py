@@ -4,6 +4,7 @@ dask.distributed cluster the workers' memory limit is the budget."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -142,8 +143,18 @@ def test_the_estimate_bounds_a_measured_peak(tmp_path):
         assert doc["peak"] <= doc["estimate"], doc
 
 
-def test_on_a_cluster_the_worker_memory_limit_is_the_budget(archive):
+def test_on_a_cluster_the_worker_memory_limit_is_the_budget(archive, monkeypatch):
     distributed = pytest.importorskip("distributed")
+    # a process LocalCluster sets OMP/MKL/OPENBLAS_NUM_THREADS=1 in this process's environment (its workers'
+    # pre-spawn environment); without the restore, later tests' child processes run torch single-threaded
+    # and round differently from the same forward pass in this process
+    for name in list(os.environ):
+        monkeypatch.setenv(name, os.environ[name])
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_"):
+        if name not in os.environ:
+            monkeypatch.delenv(name, raising=False)
+            monkeypatch.setenv(name, "")  # registers the name so teardown removes it
+            monkeypatch.delenv(name)
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit="300MB",
                                   dashboard_address=None) as cluster:
         runner = Runner(cluster.scheduler_address)
