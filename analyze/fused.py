@@ -28,7 +28,7 @@ except ImportError:
     njit = None
 
 AVAILABLE = njit is not None
-ROWS = 8  # unit-sum block: 8 rows (16 KiB of float16 at d = 1024, 64 KiB at 4096) stay in cache between the loops
+ROWS = 8  # unit-sum block: rows stay in cache between the two loops (d = 1024: 0.016 s per 16384 rows; 4: 0.016, 16: 0.024)
 TILE = 16  # transpose tile: 16 rows of 64-byte lines stay in L1 whatever the row stride
 _VALUES16 = np.arange(65536, dtype=np.uint16).view(np.float16)
 F16_TO_F64 = _VALUES16.astype(np.float64)  # every float16 bit pattern's value (512 KiB, stays in cache)
