@@ -41,11 +41,7 @@ class Moments:
             return self
         if self.n == 0:
             return other
-        n = self.n + other.n
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.n / n)
-        m2 = add_outer(self.m2 + other.m2, delta, delta * (self.n * other.n / n))
-        return Moments(n, mean, m2)
+        return Moments(self.n, self.mean, self.m2.copy()).absorb(other)  # self's arrays stay as they are
 
     def absorb(self, other: "Moments") -> "Moments":
         """The merge, computed into self's arrays (a lane's own accumulator: engine.py): no new d x d."""
