@@ -9,9 +9,11 @@ terms that follow from the code (D2 = one d x d float64 matrix, 8 d^2 bytes):
   its accumulator (`groups` D2 of moments plus the scan's bounded side data: histograms, window counts,
   raw rows, at most ReadConfig's caps, which the plan lowers when a small budget needs it); the lanes
   running at once (at most one per worker thread) each add the chunk's own scatter (one D2) and the
-  larger of the chunk's working set (while it is mapped) and 3x the side data (the chunk's, and the
-  merged copy made while it is folded in). At the paper's shape the side data is near its caps
-  (measured per 8192-row chunk: ~64k window slots, ~3M gathered values, ~4 MiB of raw rows).
+  larger of the chunk's working set (while it is mapped) and what folding it in holds (the chunk's
+  side data, and one transient copy of the accumulator's window counts or raw rows: the counts are
+  added in place, scan.ScanPartial.absorb). Measured at the paper's shape, one unit's accumulated
+  side data: ~110k window slots, ~17M gathered values, ~40 MB of raw rows (d = 4096); ~45k, ~4.7M,
+  ~29 MB (d = 1024).
 * finish: the d x d statistics of the layers in the batch (2 modalities x `groups` D2), plus, per layer
   finished at once, the copies of the trace solve and spectrum statistics (results.layer_summary,
   frechet.trace_sqrt_exact): FINISH_COPIES D2.
@@ -108,6 +110,19 @@ def side_bytes(shape: Shape, config: ReadConfig = DEFAULT) -> int:
     return 2048 * d + window + min(config.raw_rows_bytes, values * shape.itemsize) + 9 * shape.tokens
 
 
+def fold_bytes(shape: Shape, config: ReadConfig = DEFAULT) -> int:
+    """What folding one chunk into a lane's accumulator holds beside both: the chunk's own side data
+    (its window: at most window_bins dense slots and sparse_values gathered values per column; its raw
+    rows) and one transient copy, of the accumulator's dense window counts when they move into their
+    buffer, or of its raw rows when the chunk's are appended."""
+    d = shape.d
+    dense_cap = min(config.dense_slots_per_column * d, config.dense_slots_kept(d), 256 * d) * 1024
+    raw_cap = min(config.raw_rows_bytes, shape.tokens * d * shape.itemsize)
+    chunk = min(config.window_bins * d * 1024, dense_cap) + config.sparse_values * d * 5 + \
+        min(shape.chunk_bytes, raw_cap) + 2048 * d
+    return chunk + max(dense_cap, raw_cap)
+
+
 def chunk_working(shape: Shape) -> int:
     """One map task's working set beside its scatter: the chunk, its transposed copy (fused scan),
     the float32 rows of one Gram step, the float64 rows of one norm step, raw rows and window counts
@@ -125,9 +140,9 @@ def estimate(shape: Shape, *, layers: int, lanes: int, workers: int, groups: int
     accumulator = groups * d2 + side_bytes(shape, config)
     running = min(workers, units * lanes)
     # a running lane holds, beside its accumulator, the chunk's scatter and either the chunk's working set
-    # (while mapping it) or the chunk's side data and the merged side data (while folding it in: up to 3x)
-    side = side_bytes(shape, config)
-    read = BASE_MEMORY + units * lanes * accumulator + running * (d2 + max(chunk_working(shape), 3 * side))
+    # (while mapping it) or what folding it in holds
+    read = BASE_MEMORY + units * lanes * accumulator + running * (d2 + max(chunk_working(shape),
+                                                                       fold_bytes(shape, config)))
     stats = units * groups * d2 + layers * 9 * shape.tokens
     finishing = min(workers, layers)
     finish = BASE_MEMORY + stats + finishing * FINISH_COPIES * d2

@@ -63,12 +63,15 @@ class ScanPartial:
     config: ReadConfig
     activations: ActivationPartial  # per-value statistics (activations.py)
 
-    def bounded(self) -> "ScanPartial":
-        """The same partial within the config's limits: what exceeds them is dropped and marked unknown."""
+    def bounded(self, in_place: bool = False) -> "ScanPartial":
+        """The same partial within the config's limits: what exceeds them is dropped and marked unknown.
+        `in_place`: self is a lane's accumulator (absorb), whose window counts may be changed in place."""
         d, cfg = self.hist.shape[0], self.config
         window = self.window
-        if window is not None and len(window.sparse_keys) > cfg.sparse_densify * d:
-            window = window.densified(cfg.sparse_densify, cfg.dense_slots_kept(d) - len(window.keys))
+        gathered = 0 if window is None else len(window.sparse_keys)
+        if gathered > max(cfg.sparse_densify, cfg.sparse_values) * d and (gathered > window.densify_after
+                                                  or gathered > cfg.sparse_kept_per_column * d):
+            window = window.densified(cfg.sparse_densify, cfg.dense_slots_kept(d) - len(window.keys), in_place)
         if window is not None and len(window.sparse_keys) > cfg.sparse_kept_per_column * d:
             window = window.without_sparse()
         if window is not None and len(window.keys) > cfg.dense_slots_kept(d):
@@ -79,19 +82,24 @@ class ScanPartial:
 
     def combine(self, other: "ScanPartial") -> "ScanPartial":
         """The scan of self's rows followed by other's: row-wise fields keep their order."""
-        return self._joined(other, self.moments.combine(other.moments))
+        window = None if self.window is None or other.window is None else self.window.merge(other.window)
+        return self._joined(other, self.moments.combine(other.moments), window)
 
     def absorb(self, other: "ScanPartial") -> "ScanPartial":
-        """`combine`, with the moments (the d x d part) summed into self's: for a lane's own accumulator."""
-        return self._joined(other, self.moments.absorb(other.moments))
+        """`combine`, with the moments (the d x d part) and the window counts summed into self's: for a
+        lane's own accumulator."""
+        window = None
+        if self.window is not None and other.window is not None:
+            window = self.window.absorb(other.window, self.config.dense_slots_kept(self.hist.shape[0]))
+        return self._joined(other, self.moments.absorb(other.moments), window, in_place=True)
 
-    def _joined(self, other: "ScanPartial", moments: BlockMoments) -> "ScanPartial":
-        window = None if self.window is None or other.window is None else self.window.merge(other.window)
+    def _joined(self, other: "ScanPartial", moments: BlockMoments, window: WindowCounts | None,
+                in_place: bool = False) -> "ScanPartial":
         return ScanPartial(
             np.concatenate([self.norms, other.norms]), self.hist + other.hist, self.low_bits or other.low_bits,
             window, moments, np.concatenate([self.sure, other.sure]),
             np.concatenate([self.raw_index, other.raw_index]), np.concatenate([self.raw, other.raw]),
-            self.overflow or other.overflow, self.config, self.activations.combine(other.activations)).bounded()
+            self.overflow or other.overflow, self.config, self.activations.combine(other.activations)).bounded(in_place)
 
 
 @dataclass
