@@ -119,11 +119,18 @@ class LazyChunk:
 
 
 def fold_lane(read, items: list[tuple[LazyChunk, Chunk]]):
-    """One lane: its chunks read in order, each mapped and folded into one accumulator."""
+    """One lane: its chunks read in order, each mapped and folded into one accumulator (by the read's
+    `fold` where it has one: the chunk's Gram products go straight into the accumulator's scatter)."""
     accumulator = None
+    fold = getattr(read, "fold", None)
     for lazy, chunk in items:
-        partial = read.map(lazy.load(), chunk)
-        accumulator = partial if accumulator is None else absorb(accumulator, partial)
+        x = lazy.load()
+        if accumulator is None:
+            accumulator = read.map(x, chunk)
+        elif fold is not None:
+            accumulator = fold(accumulator, x, chunk)
+        else:
+            accumulator = absorb(accumulator, read.map(x, chunk))
     return accumulator
 
 

@@ -71,8 +71,10 @@ def surely_inside(norms: np.ndarray, spreads: float) -> tuple[float, float]:
     return median - spreads * spread, median + spreads * spread
 
 
-def scan_chunk(x, chunk: Chunk, precision: str, config: ReadConfig, check_low_bits: bool = False) -> ScanPartial:
-    """The one read: norms, top-byte histogram, the window's second bytes, and speculative moments."""
+def scan_chunk(x, chunk: Chunk, precision: str, config: ReadConfig, check_low_bits: bool = False,
+               into: BlockMoments | None = None) -> ScanPartial:
+    """The one read: norms, top-byte histogram, the window's second bytes, and speculative moments (with
+    `into`, added into those moments, a lane's accumulator's, and the partial's own are empty)."""
     x = as_rows(x)
     columns = None
     if fused.AVAILABLE:
@@ -88,36 +90,43 @@ def scan_chunk(x, chunk: Chunk, precision: str, config: ReadConfig, check_low_bi
         counts = count_window(x, window)
     lo, hi = surely_inside(norms, config.inlier_spreads)
     sure = (norms >= lo) & (norms <= hi)
-    moments = run_moments(x, sure, chunk.runs, gram_precision(norms.max(initial=0.0), precision))
+    moments = run_moments(x, sure, chunk.runs, gram_precision(norms.max(initial=0.0), precision), into)
+    if into is not None:
+        moments = BlockMoments.none()
     outside = np.flatnonzero(~sure)
     return ScanPartial(norms, hist, check_low_bits and low_bits_set(x), counts, moments, sure, outside + chunk.start,
                        x[outside], False, config, activations).bounded()
 
 
-def run_moments(x: np.ndarray, keep: np.ndarray, runs, precision: str) -> BlockMoments:
+def run_moments(x: np.ndarray, keep: np.ndarray, runs, precision: str,
+                into: BlockMoments | None = None) -> BlockMoments:
     """Moments of the kept rows, per sample block, from the chunk's runs of sample blocks. Blocks of
     interleaved samples (seeded groups) come in many short runs: each block's rows are gathered into one
-    product instead of one d x d merge per run."""
+    product instead of one d x d merge per run. `into`: a lane's accumulator, whose moments the rows
+    are added into in place (and which is returned)."""
     convert = fused.convert if fused.AVAILABLE and precision == "float32" else None
     blocks = sorted({block for block, _, _ in runs})
-    out = BlockMoments.none()
+    out = BlockMoments.none() if into is None else into
     if len(blocks) == len(runs):
         for block, start, stop in runs:
-            out = out.combine(BlockMoments({block: block_moments(x[start:stop], keep[start:stop], precision,
-                                                                 convert)}))
+            out.by_block[block] = block_moments(x[start:stop], keep[start:stop], precision, convert,
+                                                out.by_block.get(block))
         return out
     for block in blocks:
         index = np.concatenate([np.arange(start, stop) for b, start, stop in runs if b == block])
-        out = out.combine(BlockMoments({block: block_moments(x[index], keep[index], precision, convert)}))
+        out.by_block[block] = block_moments(x[index], keep[index], precision, convert, out.by_block.get(block))
     return out
 
 
-def rule_moments(x, chunk: Chunk, precision: str) -> tuple[Moments, ...]:
-    """Moments of the non-outlier rows of each alternative outlier rule (all sample blocks together)."""
+def rule_moments(x, chunk: Chunk, precision: str, into: tuple[Moments, ...] | None = None) -> tuple[Moments, ...]:
+    """Moments of the non-outlier rows of each alternative outlier rule (all sample blocks together);
+    `into`: a lane's accumulated ones, added into in place."""
     x = as_rows(x)
-    return tuple(block_moments(x, ~np.asarray(flags, bool), precision) for flags in chunk.rule_outliers)
+    into = into or (None,) * len(chunk.rule_outliers)
+    return tuple(block_moments(x, ~np.asarray(flags, bool), precision, into=m)
+                 for flags, m in zip(chunk.rule_outliers, into))
 
 
-def inlier_moments(x, chunk: Chunk, precision: str) -> BlockMoments:
+def inlier_moments(x, chunk: Chunk, precision: str, into: BlockMoments | None = None) -> BlockMoments:
     """Moments of the exact non-outlier rows, per sample block (what the scan's guesses missed)."""
-    return run_moments(as_rows(x), ~np.asarray(chunk.outliers, bool), chunk.runs, precision)
+    return run_moments(as_rows(x), ~np.asarray(chunk.outliers, bool), chunk.runs, precision, into)

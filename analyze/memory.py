@@ -8,8 +8,9 @@ terms that follow from the code (D2 = one d x d float64 matrix, 8 d^2 bytes):
 * read: every lane (engine.py: one task folding a run of chunks into one accumulator, in order) holds
   its accumulator (`groups` D2 of moments plus the scan's bounded side data: histograms, window counts,
   raw rows, at most ReadConfig's caps, which the plan lowers when a small budget needs it); the lanes
-  running at once (at most one per worker thread) each add the chunk's own scatter (one D2) and the
-  larger of the chunk's working set (while it is mapped) and what folding it in holds (the chunk's
+  running at once (at most one per worker thread) each add the larger of the chunk's working set
+  (while it is mapped; its Gram products go straight into the accumulator's scatter, reads.ScanRead.fold,
+  so no chunk has a D2 of its own) and what folding it in holds (the chunk's
   side data, and one transient copy of the accumulator's window counts or raw rows: the counts are
   added in place, scan.ScanPartial.absorb). Measured at the paper's shape, one unit's accumulated
   side data: ~110k window slots, ~17M gathered values, ~40 MB of raw rows (d = 4096); ~45k, ~4.7M,
@@ -124,11 +125,12 @@ def fold_bytes(shape: Shape, config: ReadConfig = DEFAULT) -> int:
 
 
 def chunk_working(shape: Shape) -> int:
-    """One map task's working set beside its scatter: the chunk, its transposed copy (fused scan),
-    the float32 rows of one Gram step, the float64 rows of one norm step, raw rows and window counts
-    of this chunk (ReadConfig caps them per unit, so a chunk's never exceed them)."""
+    """One map task's working set beside its accumulator: the chunk, its transposed copy (fused scan),
+    the float32 rows of one Gram step and its float32 d x d product (added into the float64 scatter),
+    the float64 rows of one norm step, raw rows and window counts of this chunk (ReadConfig caps them
+    per unit, so a chunk's never exceed them)."""
     d = shape.d
-    return 2 * shape.chunk_bytes + 4 * gram_rows(d) * d + 8 * 2048 * d + shape.chunk_bytes
+    return 2 * shape.chunk_bytes + 4 * gram_rows(d) * d + 4 * d * d + 8 * 2048 * d + shape.chunk_bytes
 
 
 def estimate(shape: Shape, *, layers: int, lanes: int, workers: int, groups: int = 1, bootstrap: bool = False,
@@ -139,10 +141,9 @@ def estimate(shape: Shape, *, layers: int, lanes: int, workers: int, groups: int
     d2 = shape.square
     accumulator = groups * d2 + side_bytes(shape, config)
     running = min(workers, units * lanes)
-    # a running lane holds, beside its accumulator, the chunk's scatter and either the chunk's working set
-    # (while mapping it) or what folding it in holds
-    read = BASE_MEMORY + units * lanes * accumulator + running * (d2 + max(chunk_working(shape),
-                                                                       fold_bytes(shape, config)))
+    # a running lane holds, beside its accumulator, either the chunk's working set (while mapping it) or
+    # what folding it in holds
+    read = BASE_MEMORY + units * lanes * accumulator + running * max(chunk_working(shape), fold_bytes(shape, config))
     stats = units * groups * d2 + layers * 9 * shape.tokens
     finishing = min(workers, layers)
     finish = BASE_MEMORY + stats + finishing * FINISH_COPIES * d2

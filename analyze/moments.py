@@ -97,26 +97,34 @@ def gram_rows(d: int) -> int:
     return int(np.clip(MAX_GRAM_BYTES // (4 * d), 1024, 16384))
 
 
-def block_moments(x: np.ndarray, keep: np.ndarray, precision: str = "float32", convert=None) -> Moments:
-    """Moments of the rows of x (stored dtype) where `keep` is True.
+def block_moments(x: np.ndarray, keep: np.ndarray, precision: str = "float32", convert=None,
+                  into: Moments | None = None) -> Moments:
+    """Moments of the rows of x (stored dtype) where `keep` is True; with `into`, of its rows and these,
+    computed into its arrays (a lane's accumulator, engine.py: no d x d scatter per chunk).
 
-    Rows are shifted by c (the mean of the first kept rows, any close value works), so the products
-    see centred data; Gram products of up to gram_rows(d) rows run in `precision` (float32 meets the
-    1e-5 contract on centred data and is twice as fast) and are accumulated in float64; the exact
-    mean and scatter follow from the shifted sums: mean = c + S/n, M2 = G - S S^T / n.
+    Rows are shifted by c (the mean of the first kept rows, or into's mean: any close value works), so
+    the products see centred data; Gram products of up to gram_rows(d) rows run in `precision` (float32
+    meets the 1e-5 contract on centred data and is twice as fast) and are accumulated in float64; the
+    exact mean and scatter follow from the shifted sums: mean = c + S/n, M2 = G - S S^T / n, where G
+    starts at into's M2 (its rows' scatter about c = its mean) and n counts into's rows too.
     `convert(rows, shift, keep, out)` replaces the numpy conversion of a step of rows with the same
     values computed faster (fused.convert).
     """
     n_rows, d = x.shape
     n = int(np.count_nonzero(keep))
     if n == 0:
-        return Moments.empty(d)
+        return Moments.empty(d) if into is None else into
     work = np.float32 if precision == "float32" else np.float64
     step = gram_rows(d)
-    first = np.flatnonzero(keep)[:SHIFT_ROWS]
-    shift = x[first].astype(np.float64).mean(axis=0).astype(work)
-    total = np.zeros(d)
-    gram = np.zeros((d, d))
+    if into is not None and into.n:  # into's rows about c: sum n (mean - c), scatter M2 + n (mean - c)(mean - c)^T
+        shift = into.mean.astype(work)
+        offset = into.mean - shift.astype(np.float64)  # float32 rounding of the mean (exactly 0 in float64)
+        total, gram = into.n * offset, add_outer(into.m2, offset, into.n * offset) if offset.any() else into.m2
+        n += into.n
+    else:
+        first = np.flatnonzero(keep)[:SHIFT_ROWS]
+        shift = x[first].astype(np.float64).mean(axis=0).astype(work)
+        total, gram = np.zeros(d), np.zeros((d, d))
     ones = np.ones(step, dtype=work)
     buffer = np.empty((min(step, n_rows), d), work) if convert is not None else None
     for start in range(0, n_rows, step):

@@ -1,7 +1,8 @@
 """The reads of the data, each declared as a reducer over the chunks of one unit (a layer and
 modality), in the spirit of Dask's chunk / combine / aggregate:
 
-* `map(x, chunk) -> partial` on every chunk (a Dask task each, kernels.py);
+* `map(x, chunk) -> partial` on every chunk (a Dask task each, kernels.py); optionally
+  `fold(accumulator, x, chunk)`, the same as absorbing map's partial, computed into the accumulator;
 * `partial.combine(other) -> partial`, associative, tree-combined in the graph;
 * `finish(partial, facts) -> outcome`, always run (one chunk included), on a worker;
 * `outcome.apply(progress)` on the client: what the unit now knows.
@@ -39,6 +40,11 @@ class ScanRead:
     def map(self, x, chunk: Chunk):
         return kernels.scan_chunk(x, chunk, self.precision, self.config, self.check_low_bits)
 
+    def fold(self, accumulator, x, chunk: Chunk):
+        """map and absorb in one, the chunk's rows added into the accumulator's moments: no d x d per chunk."""
+        partial = kernels.scan_chunk(x, chunk, self.precision, self.config, self.check_low_bits, accumulator.moments)
+        return accumulator.absorb(partial)
+
     def finish(self, partial, facts: UnitFacts) -> ScanOutcome:
         return finish_scan(partial, facts, self.precision)
 
@@ -65,6 +71,9 @@ class InlierMomentsRead:
 
     def map(self, x, chunk: Chunk) -> BlockMoments:
         return kernels.inlier_moments(x, chunk, self.precision)
+
+    def fold(self, accumulator: BlockMoments, x, chunk: Chunk) -> BlockMoments:
+        return kernels.inlier_moments(x, chunk, self.precision, accumulator)
 
     def finish(self, partial: BlockMoments, facts: UnitFacts) -> BlockMoments:
         return partial
@@ -93,6 +102,9 @@ class RuleMomentsRead:
 
     def map(self, x, chunk: Chunk) -> RuleMoments:
         return RuleMoments(kernels.rule_moments(x, chunk, self.precision))
+
+    def fold(self, accumulator: RuleMoments, x, chunk: Chunk) -> RuleMoments:
+        return RuleMoments(kernels.rule_moments(x, chunk, self.precision, accumulator.parts))
 
     def finish(self, partial: RuleMoments, facts: UnitFacts) -> RuleMoments:
         return partial
@@ -157,6 +169,11 @@ class Fused:
     def map(self, x, chunk: Chunk) -> Together:
         x = kernels.as_rows(x)
         return Together(tuple(r.map(x, chunk) for r in self.reads))
+
+    def fold(self, accumulator: Together, x, chunk: Chunk) -> Together:
+        x = kernels.as_rows(x)
+        return Together(tuple(r.fold(a, x, chunk) if hasattr(r, "fold") else absorb(a, r.map(x, chunk))
+                              for r, a in zip(self.reads, accumulator.parts)))
 
     def finish(self, partial: Together, facts: UnitFacts) -> Together:
         return Together(tuple(r.finish(p, facts) for r, p in zip(self.reads, partial.parts)))

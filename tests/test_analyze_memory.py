@@ -33,7 +33,7 @@ def archive(tmp_path_factory):
                                    vision_tokens=30, text_tokens=24, seed=3, chunk_tokens=16, chunks_per_shard=2)
 
 
-def _close(a: np.ndarray, b: np.ndarray, rtol: float = 1e-11) -> bool:
+def _close(a: np.ndarray, b: np.ndarray, rtol: float = 1e-6) -> bool:
     scale = max(float(np.abs(a).max()), 1e-300)
     return float(np.abs(a - b).max()) <= rtol * scale
 
@@ -47,6 +47,10 @@ def test_lanes_of_keeps_every_chunk_in_order():
 
 
 def test_lanes_change_statistics_only_by_rounding(archive):
+    """Lanes change only rounding: the Gram products are float32 about each lane's running mean
+    (moments.block_moments with `into`), so the moments agree to float32 rounding (1e-6 of their scale;
+    the contract against the float64 reference, 1e-5, is tested in test_analyze_exact), and everything
+    else exactly."""
     selection = open_archive(archive).select()
     layers = [int(x) for x in selection.layers]
     base = compute_stats(selection, layers, lanes=1)
