@@ -131,6 +131,7 @@ def fold_lane(read, items: list[tuple[LazyChunk, Chunk]]):
             accumulator = fold(accumulator, x, chunk)
         else:
             accumulator = absorb(accumulator, read.map(x, chunk))
+        del x  # before the next chunk is loaded: one chunk in flight per lane, not two
     return accumulator
 
 

@@ -234,15 +234,16 @@ def count_window(columns: np.ndarray, window: Window, hist: np.ndarray) -> Windo
     dest[rows[dense], raw[dense]] = kind[dense].astype(np.int64) * 256
     dest[rows[sparse], raw[sparse]] = -1
     capacity = int(hist[rows[sparse], raw[sparse]].sum())
-    counts = np.zeros((slots + 1) * 256, np.int32)  # a block holds fewer than 2**31 values per bin
+    # a block's counts fit 16 bits when it has fewer than 2**16 rows (half the memory while it waits to be
+    # folded in; counted so directly, without an int32 copy); the discarded last row may wrap, unread
+    small = columns.shape[1] < 2**16
+    counts = np.zeros((slots + 1) * 256, np.uint16 if small else np.int32)
     sparse_keys = np.empty(capacity, np.int32)
     sparse_bytes = np.empty(capacity, np.uint8)
     filled = _count(columns, shift, dest, counts, sparse_keys, sparse_bytes)
     if filled != capacity:
         raise AssertionError("window: gathered values do not match the block's histogram")
     counts = counts[:-256].reshape(-1, 256)
-    if columns.shape[1] < 2**16:  # a block's counts fit 16 bits: half the memory while partials wait to merge
-        counts = counts.astype(np.uint16)
     return WindowCounts(window.keys, counts, sparse_keys, sparse_bytes)
 
 

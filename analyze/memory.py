@@ -21,9 +21,9 @@ terms that follow from the code (D2 = one d x d float64 matrix, 8 d^2 bytes):
 * bootstrap (when on): the gradient's copies per layer (gradient.layer_gradient: GRADIENT_COPIES D2),
   then the influence read's triangular factors per layer next to its chunks in flight.
 
-Plus BASE_MEMORY, the interpreter, numpy/scipy/dask/zarr/numba and the archive's metadata (measured
-once: 211 MiB after `import pipelines.cli` and opening the paper-shape archive; rounded up for the
-allocator's slack). When even one layer with one lane does not fit, `plan` raises AnalysisError
+Plus BASE_MEMORY, the interpreter, numpy/scipy/dask/zarr/numba and the archive's metadata (measured:
+peak RSS 271-293 MiB of `mir analyze` on a tiny archive, kernels compiled and Dask threads started;
+rounded up for the allocator's slack). When even one layer with one lane does not fit, `plan` raises AnalysisError
 before any read, naming the budget, the need and what to do.
 """
 from __future__ import annotations
@@ -36,8 +36,10 @@ from .config import DEFAULT, ReadConfig
 from .errors import AnalysisError
 from .gradient import DXD_HELD, DXD_PEAK
 from .moments import gram_rows
+from . import fused
+from .kernels import NORM_ROWS
 
-BASE_MEMORY = 384 * 2**20  # interpreter + libraries + metadata: 211 MiB measured, + threads, JIT code, slack
+BASE_MEMORY = 320 * 2**20  # interpreter, libraries, numba kernels, Dask threads: 271-293 MiB measured, + slack
 FINISH_COPIES = 6  # d x d float64 arrays alive at once in one layer's finish, beyond its statistics
 # the bootstrap's finish (results.layer_summary_and_gradient + gradient.layer_gradient): the gradient's own
 # peak beyond the statistics (gradient.DXD_PEAK, measured) plus the 3 that making the factors needs next to
@@ -45,7 +47,11 @@ FINISH_COPIES = 6  # d x d float64 arrays alive at once in one layer's finish, b
 GRADIENT_COPIES = DXD_PEAK + 3
 INFLUENCE_COPIES = DXD_HELD
 MAX_LANES = 4  # beyond this, more accumulators buy no speed on the machines we target
-CAP_SHARES = (1.0, 0.5, 0.25, 0.125)  # the scan's side-data caps tried, as shares of the configured ones
+# the scan's side-data caps tried, as (dense window slots, gathered values) shares of the configured ones:
+# the gathered values first, since at the paper's shape they use about half their cap (measured: 4.3k of
+# 8192 per column) where the dense slots use 84% of theirs (110k of 131k), and a window that overflows
+# costs a second, median-only read
+CAP_SHARES = ((1.0, 1.0), (1.0, 0.75), (0.5, 0.5), (0.25, 0.25), (0.125, 0.125))
 
 
 @dataclass(frozen=True)
@@ -89,16 +95,17 @@ class MemoryPlan:
                 f"estimated peak {format_bytes(self.peak)} of {format_bytes(self.budget)}")
 
 
-def capped(config: ReadConfig, share: float) -> ReadConfig:
+def capped(config: ReadConfig, share: float, gathered: float | None = None) -> ReadConfig:
     """The config with the median window's caps (window slots, gathered values) at `share` of theirs.
     ReadConfig's caps trade memory for reads, never results: what exceeds them is dropped and a second,
     median-only read (histograms, no Gram products) computes it exactly. The raw-row cap stays: beyond it
     the second read would recompute every Gram product."""
-    if share >= 1.0:
+    gathered = share if gathered is None else gathered
+    if share >= 1.0 and gathered >= 1.0:
         return config
     return replace(config, dense_slots_per_column=max(1, int(config.dense_slots_per_column * share)),
                    dense_slots_bytes=int(config.dense_slots_bytes * share),
-                   sparse_kept_per_column=max(1, int(config.sparse_kept_per_column * share)))
+                   sparse_kept_per_column=max(1, int(config.sparse_kept_per_column * gathered)))
 
 
 def side_bytes(shape: Shape, config: ReadConfig = DEFAULT) -> int:
@@ -111,26 +118,35 @@ def side_bytes(shape: Shape, config: ReadConfig = DEFAULT) -> int:
     return 2048 * d + window + min(config.raw_rows_bytes, values * shape.itemsize) + 9 * shape.tokens
 
 
-def fold_bytes(shape: Shape, config: ReadConfig = DEFAULT) -> int:
-    """What folding one chunk into a lane's accumulator holds beside both: the chunk's own side data
-    (its window: at most window_bins dense slots and sparse_values gathered values per column; its raw
-    rows) and one transient copy, of the accumulator's dense window counts when they move into their
-    buffer, or of its raw rows when the chunk's are appended."""
+def chunk_side(shape: Shape, config: ReadConfig = DEFAULT) -> int:
+    """One chunk's side data: its window counts (at most window_bins dense slots per column, counted as
+    uint16, 512 B each; sparse_values gathered values per column, 5 B each), its top-byte histogram and
+    its raw rows (at most the chunk, at most the unit's raw-row cap)."""
     d = shape.d
-    dense_cap = min(config.dense_slots_per_column * d, config.dense_slots_kept(d), 256 * d) * 1024
+    dense = min(config.window_bins * d, config.dense_slots_kept(d), 256 * d)
+    raw = min(shape.chunk_bytes, config.raw_rows_bytes, shape.tokens * d * shape.itemsize)
+    return dense * 512 + config.sparse_values * d * 5 + 2048 * d + raw
+
+
+def chunk_working(shape: Shape, config: ReadConfig = DEFAULT) -> int:
+    """What a running lane holds beside its accumulator, at the largest of the steps of one chunk
+    (kernels.scan_chunk, reads.ScanRead.fold), each holding the chunk itself:
+    * scan: its bits transposed (fused.scan_columns), its histogram and window counts being made;
+    * moments: its window counts and raw rows, the float32 rows of one Gram step, their float32 d x d
+      product (added into the accumulator's float64 scatter), the float64 rows of one norm step where
+      numba is missing (kernels.token_norms);
+    * fold: its side data and one transient copy, of the first chunk's window counts when they move into
+      the accumulator's buffer (window.WindowCounts.absorb, once per lane: at most one chunk's counts)
+      or of the accumulated raw rows when the chunk's are appended.
+    Reading a chunk (before any of these) holds its decoded buffer and the array made from it."""
+    d, chunk = shape.d, shape.chunk_bytes
+    side = chunk_side(shape, config)
+    counts = min(config.window_bins * d, config.dense_slots_kept(d), 256 * d) * 512
     raw_cap = min(config.raw_rows_bytes, shape.tokens * d * shape.itemsize)
-    chunk = min(config.window_bins * d * 1024, dense_cap) + config.sparse_values * d * 5 + \
-        min(shape.chunk_bytes, raw_cap) + 2048 * d
-    return chunk + max(dense_cap, raw_cap)
-
-
-def chunk_working(shape: Shape) -> int:
-    """One map task's working set beside its accumulator: the chunk, its transposed copy (fused scan),
-    the float32 rows of one Gram step and its float32 d x d product (added into the float64 scatter),
-    the float64 rows of one norm step, raw rows and window counts of this chunk (ReadConfig caps them
-    per unit, so a chunk's never exceed them)."""
-    d = shape.d
-    return 2 * shape.chunk_bytes + 4 * gram_rows(d) * d + 4 * d * d + 8 * 2048 * d + shape.chunk_bytes
+    scan = chunk + side + (0 if fused.AVAILABLE else 8 * NORM_ROWS * d)
+    moments = side + 4 * gram_rows(d) * d + 4 * d * d
+    fold = side + max(counts, raw_cap)
+    return max(2 * chunk, chunk + max(scan, moments, fold))
 
 
 def estimate(shape: Shape, *, layers: int, lanes: int, workers: int, groups: int = 1, bootstrap: bool = False,
@@ -143,7 +159,7 @@ def estimate(shape: Shape, *, layers: int, lanes: int, workers: int, groups: int
     running = min(workers, units * lanes)
     # a running lane holds, beside its accumulator, either the chunk's working set (while mapping it) or
     # what folding it in holds
-    read = BASE_MEMORY + units * lanes * accumulator + running * max(chunk_working(shape), fold_bytes(shape, config))
+    read = BASE_MEMORY + units * lanes * accumulator + running * chunk_working(shape, config)
     stats = units * groups * d2 + layers * 9 * shape.tokens
     finishing = min(workers, layers)
     finish = BASE_MEMORY + stats + finishing * FINISH_COPIES * d2
@@ -166,8 +182,8 @@ def plan(shape: Shape, n_layers: int, workers: int, budget: int, *, groups: int 
                            config=reads)
         return MemoryPlan(budget, layers, lanes, workers, r, f, b, reads)
 
-    for share in CAP_SHARES:
-        smallest = make(1, 1, capped(config, share))
+    for share, gathered in CAP_SHARES:
+        smallest = make(1, 1, capped(config, share, gathered))
         if smallest.peak <= budget:
             break
     if smallest.peak > budget:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MAX_GRAM_BYTES = 64 * 2**20  # float32 rows converted at once for one Gram product
+MAX_GRAM_BYTES = 32 * 2**20  # float32 rows converted at once for one Gram product (memory.chunk_working)
 FLOAT32_SAFE_NORM = 1e15  # float32 products would overflow beyond ~1e19 per value: float64 above
 SHIFT_ROWS = 256  # rows whose mean centres a block: any value near the mean keeps float32 products accurate
 OUTER_ROWS = 256  # rows of a rank-one update done at once: no d x d temporary (memory.py counts none)

@@ -117,7 +117,7 @@ def test_plan_at_the_papers_shape_and_at_8192():
 
 
 CHILD = """
-import json, resource, sys
+import json, sys
 from analyze import AnalysisOptions, analyze_selection
 from analyze.api import memory_plan
 from analyze.runner import Runner
@@ -126,7 +126,10 @@ selection = open_archive(sys.argv[1]).select()
 options = AnalysisOptions(cache=False, memory_limit=int(sys.argv[2]))
 plan = memory_plan(selection, len(selection.layers), Runner(), options)
 result = analyze_selection(selection, options)
-print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "estimate": plan.peak,
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so it would report the forking parent's
+# (pytest's) RSS at the fork whenever that is larger; VmHWM belongs to this process's own address space
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"peak": peak, "estimate": plan.peak,
                   "plan": plan.describe(), "mir": result.mir}))
 """
 
