@@ -38,6 +38,7 @@ from .gradient import DXD_HELD, DXD_PEAK
 from .moments import gram_rows
 from . import fused
 from .kernels import NORM_ROWS
+from .window import DENSIFY_VALUES
 
 BASE_MEMORY = 320 * 2**20  # interpreter, libraries, numba kernels, Dask threads: 271-293 MiB measured, + slack
 FINISH_COPIES = 6  # d x d float64 arrays alive at once in one layer's finish, beyond its statistics
@@ -135,9 +136,10 @@ def chunk_working(shape: Shape, config: ReadConfig = DEFAULT) -> int:
     * moments: its window counts and raw rows, the float32 rows of one Gram step, their float32 d x d
       product (added into the accumulator's float64 scatter), the float64 rows of one norm step where
       numba is missing (kernels.token_norms);
-    * fold: its side data and one transient copy, of the first chunk's window counts when they move into
-      the accumulator's buffer (window.WindowCounts.absorb, once per lane: at most one chunk's counts)
-      or of the accumulated raw rows when the chunk's are appended.
+    * fold: its side data and one transient: the first chunk's window counts when they move into the
+      accumulator's buffer (window.WindowCounts.absorb, once per lane: at most one chunk's counts), the
+      accumulated raw rows when the chunk's are appended, or densifying's key tables and blocks of
+      gathered values (window.WindowCounts.densified; it counts straight into the accumulator's buffer).
     Reading a chunk (before any of these) holds its decoded buffer and the array made from it."""
     d, chunk = shape.d, shape.chunk_bytes
     side = chunk_side(shape, config)
@@ -145,7 +147,8 @@ def chunk_working(shape: Shape, config: ReadConfig = DEFAULT) -> int:
     raw_cap = min(config.raw_rows_bytes, shape.tokens * d * shape.itemsize)
     scan = chunk + side + (0 if fused.AVAILABLE else 8 * NORM_ROWS * d)
     moments = side + 4 * gram_rows(d) * d + 4 * d * d
-    fold = side + max(counts, raw_cap)
+    densify = 12 * 256 * d + 32 * DENSIFY_VALUES
+    fold = side + max(counts, raw_cap, densify)
     return max(2 * chunk, chunk + max(scan, moments, fold))
 
 

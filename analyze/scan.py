@@ -90,7 +90,9 @@ class ScanPartial:
         lane's own accumulator."""
         window = None
         if self.window is not None and other.window is not None:
-            window = self.window.absorb(other.window, self.config.dense_slots_kept(self.hist.shape[0]))
+            d = self.hist.shape[0]
+            window = self.window.absorb(other.window, self.config.dense_slots_kept(d),
+                                        self.config.sparse_kept_per_column * d)
         return self._joined(other, self.moments.absorb(other.moments), window, in_place=True)
 
     def _joined(self, other: "ScanPartial", moments: BlockMoments, window: WindowCounts | None,

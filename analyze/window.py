@@ -15,7 +15,7 @@ byte, so blocks with different windows merge by key.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from .config import DEFAULT, ReadConfig
 from .radix import SUB_ROWS, TOP_ORDER
 
 NONE, SPARSE = -1, -2
+DENSIFY_VALUES = 1 << 20  # gathered values densified() goes through at a time
 
 
 @dataclass
@@ -41,6 +42,7 @@ class WindowCounts:
     sparse_bytes: np.ndarray  # (G,) uint8: its raw second byte
     rows: np.ndarray | None = None  # (S,) row of counts holding each key; None: row i holds keys[i]
     densify_after: int = 0  # gathered values beyond which densified() looks again (it found too few before)
+    gathered: tuple | None = None  # an accumulator's buffers (keys, bytes) that sparse_* are the start of
 
     @classmethod
     def empty(cls) -> WindowCounts:
@@ -60,11 +62,12 @@ class WindowCounts:
                             np.concatenate([self.sparse_bytes, other.sparse_bytes]),
                             densify_after=max(self.densify_after, other.densify_after))
 
-    def absorb(self, other: WindowCounts, room: int) -> WindowCounts | None:
+    def absorb(self, other: WindowCounts, room: int, gathered_room: int = 0) -> WindowCounts | None:
         """`merge`, adding other's counts into self's rows in place: only for an accumulator nothing else
         holds. `room`: the most dense slots kept; beyond it None (the caller then drops the window).
         The buffer is allocated at `room` rows once (np.zeros: pages the counts never touch stay
-        uncommitted), so no chunk copies the accumulator."""
+        uncommitted), so no chunk copies the accumulator; the gathered values likewise, with room for
+        `gathered_room`."""
         rows = np.arange(len(self.keys)) if self.rows is None else self.rows
         pos = np.minimum(np.searchsorted(self.keys, other.keys), max(len(self.keys) - 1, 0))
         hit = np.zeros(len(other.keys), bool) if len(self.keys) == 0 else self.keys[pos] == other.keys
@@ -85,9 +88,21 @@ class WindowCounts:
             order = np.argsort(keys, kind="stable")
             keys, rows = keys[order], np.concatenate([rows, target[fresh]])[order]
         counts[target] += other.dense()
-        return WindowCounts(keys, counts, np.concatenate([self.sparse_keys, other.sparse_keys]),
-                            np.concatenate([self.sparse_bytes, other.sparse_bytes]), rows,
-                            max(self.densify_after, other.densify_after))
+        sparse_keys, sparse_bytes, buffers = self._appended(other, gathered_room)
+        return WindowCounts(keys, counts, sparse_keys, sparse_bytes, rows, max(self.densify_after, other.densify_after),
+                            buffers)
+
+    def _appended(self, other: WindowCounts, room: int) -> tuple[np.ndarray, np.ndarray, tuple]:
+        """self's gathered values followed by other's, written into self's buffers (allocated once with
+        room for `room` values, np.empty: untouched pages stay uncommitted), so that no chunk copies them."""
+        have, add = len(self.sparse_keys), len(other.sparse_keys)
+        buffers = self.gathered
+        if buffers is None or have + add > len(buffers[0]):
+            size = max(room, have + add)
+            buffers = (np.empty(size, np.int32), np.empty(size, np.uint8))
+            buffers[0][:have], buffers[1][:have] = self.sparse_keys, self.sparse_bytes
+        buffers[0][have:have + add], buffers[1][have:have + add] = other.sparse_keys, other.sparse_bytes
+        return buffers[0][:have + add], buffers[1][:have + add], buffers
 
     def densified(self, least: int, room: int, in_place: bool = False) -> WindowCounts:
         """The same counts with every sparse key of at least `least` gathered values folded into a dense
@@ -95,34 +110,65 @@ class WindowCounts:
         (sparse_count) can be the median bin of the whole column; over many chunks its gathered values
         (5 bytes each) outgrow one row of counts (1 KiB) and would hit sparse_kept_per_column.
         What stays gathered sets `densify_after` (twice as many), so that an accumulator does not count
-        all its gathered values again on every chunk it folds in. `in_place`: an accumulator's (absorb)."""
+        all its gathered values again on every chunk it folds in. `in_place`: an accumulator's (absorb):
+        what stays is compacted within its own buffers. The values are gone through DENSIFY_VALUES at a
+        time, so the temporaries stay small (memory.chunk_working) however many are gathered."""
         if len(self.sparse_keys) == 0 or room <= 0:
             return self
         per_key = np.bincount(self.sparse_keys)
         big = np.flatnonzero(per_key >= least)
         if len(big) > room:
             big = np.sort(big[np.argsort(per_key[big], kind="stable")[::-1][:room]])
-        rank = np.full(len(per_key), -1, np.int64)
-        rank[big] = np.arange(len(big))
-        r = rank[self.sparse_keys]
-        moved = r >= 0
-        rows = np.bincount(r[moved] * 256 + self.sparse_bytes[moved], minlength=len(big) * 256)
-        extra = WindowCounts(big.astype(np.int64), rows.astype(np.int32).reshape(-1, 256), self.sparse_keys[:0],
-                             self.sparse_bytes[:0])
-        kept = ~moved
-        rest = WindowCounts(self.keys, self.counts, self.sparse_keys[kept], self.sparse_bytes[kept], self.rows,
-                            2 * int(kept.sum()))
         if len(big) == 0:
-            return rest
+            return replace(self, densify_after=2 * len(self.sparse_keys))
+        rank = np.full(len(per_key), -1, np.int32)
+        rank[big] = np.arange(len(big), dtype=np.int32)
+        del per_key
+        total, used = len(self.sparse_keys), len(self.keys)
+        # an accumulator counts them straight into its buffer: into the rows of keys it has as dense slots
+        # already (a bin can be dense in one chunk and gathered in another), new keys into its spare rows
+        own = np.arange(used) if self.rows is None else self.rows
+        pos = np.minimum(np.searchsorted(self.keys, big), max(used - 1, 0))
+        exists = np.zeros(len(big), bool) if used == 0 else self.keys[pos] == big
+        fresh = big[~exists]
+        direct = in_place and self.counts.dtype == np.int32 and len(self.counts) >= used + len(fresh)
+        if direct:
+            flat, row = self.counts.reshape(-1), np.empty(len(big), np.int64)
+            row[exists], row[~exists] = own[pos[exists]], used + np.arange(len(fresh))
+        else:
+            flat, row = np.zeros(len(big) * 256, np.int32), np.arange(len(big))
+        out_keys, out_bytes = (self.sparse_keys, self.sparse_bytes) if in_place else \
+            (np.empty(total, np.int32), np.empty(total, np.uint8))
+        kept = 0
+        for a in range(0, total, DENSIFY_VALUES):
+            keys, values = self.sparse_keys[a:a + DENSIFY_VALUES], self.sparse_bytes[a:a + DENSIFY_VALUES]
+            r = rank[keys]
+            moved = r >= 0
+            np.add.at(flat, row[r[moved]] * 256 + values[moved], 1)
+            stay = ~moved
+            n = int(stay.sum())
+            # kept <= a: the values written never overtake those still to be read (fancy indexing copies first)
+            out_keys[kept:kept + n], out_bytes[kept:kept + n] = keys[stay], values[stay]
+            kept += n
+        gathered = self.gathered if in_place else None
+        if direct:
+            keys = np.concatenate([self.keys, fresh.astype(np.int64)])
+            rows = np.concatenate([own, used + np.arange(len(fresh))])
+            order = np.argsort(keys, kind="stable")
+            return WindowCounts(keys[order], self.counts, out_keys[:kept], out_bytes[:kept], rows[order], 2 * kept,
+                                gathered)
+        extra = WindowCounts(big.astype(np.int64), flat.reshape(-1, 256), self.sparse_keys[:0], self.sparse_bytes[:0])
+        rest = WindowCounts(self.keys, self.counts, out_keys[:kept], out_bytes[:kept], self.rows, 2 * kept, gathered)
         if in_place:
-            merged = rest.absorb(extra, len(self.keys) + room)
+            merged = rest.absorb(extra, used + room)
             if merged is not None:
                 return merged
         return rest.merge(extra)
 
     def without_sparse(self) -> WindowCounts:
         """The same counts without the gathered values (too many kept): columns needing them get a second read."""
-        return WindowCounts(self.keys, self.counts, self.sparse_keys[:0], self.sparse_bytes[:0], self.rows)
+        return WindowCounts(self.keys, self.counts, self.sparse_keys[:0], self.sparse_bytes[:0], self.rows,
+                            gathered=self.gathered)
 
     def second_byte(self, top: np.ndarray, expected: np.ndarray) -> np.ndarray | None:
         """Counts (d, 256) of the second byte within each column's exact top byte `top` (raw), or None

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from analyze.config import ReadConfig
 from analyze.radix import RadixState, byte_histogram
+from analyze import window
 from analyze.window import WindowCounts, choose_window, count_window
 
 
@@ -102,12 +103,24 @@ def test_densified_counts_are_the_same_counts():
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31), d=st.integers(1, 5), blocks=st.integers(1, 8), room=st.sampled_from([3, 40, 10**4]),
-       least=st.sampled_from([1, 8, 10**6]), heavy=st.booleans(), repeat=st.booleans())
-def test_absorb_in_place_is_the_merge(seed, d, blocks, room, least, heavy, repeat):
+       least=st.sampled_from([1, 8, 10**6]), heavy=st.booleans(), repeat=st.booleans(),
+       gathered_room=st.sampled_from([0, 10**5]), step=st.sampled_from([7, 1 << 20]))
+def test_absorb_in_place_is_the_merge(seed, d, blocks, room, least, heavy, repeat, gathered_room, step):
     """A lane folds chunk after chunk into its accumulator in place (rows in arrival order, a buffer of
     `room` rows, uint16 chunk counts widened, gathered values densified in place): every key's counts,
     the gathered values and the second bytes are exactly those of the copying merge, or absorb says the
-    room is exceeded (the scan then drops the window: a second read, never a wrong count)."""
+    room is exceeded (the scan then drops the window: a second read, never a wrong count).
+    heavy: chunk counts near uint16's top, whose sum overflows unless the accumulator widens them;
+    gathered_room: gathered values appended within the accumulator's buffers (0: copied out each time);
+    step: densified() compacts them in place that many values at a time."""
+    window.DENSIFY_VALUES, kept_step = step, window.DENSIFY_VALUES
+    try:
+        _fold_and_compare(seed, d, blocks, room, least, heavy, repeat, gathered_room)
+    finally:
+        window.DENSIFY_VALUES = kept_step
+
+
+def _fold_and_compare(seed, d, blocks, room, least, heavy, repeat, gathered_room):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((60 * blocks, d)) * rng.choice([1e-3, 1.0], d) + rng.choice([0.0, 0.01], d)).astype("f2")
     parts = [x[:60]] * blocks if repeat else np.array_split(x, blocks)  # repeat: no chunk brings new keys
@@ -123,7 +136,7 @@ def test_absorb_in_place_is_the_merge(seed, d, blocks, room, least, heavy, repea
     for c in chunks[1:]:
         merged = merged.merge(c)
         if folded is not None:
-            folded = folded.absorb(c, room)
+            folded = folded.absorb(c, room, gathered_room)
             if folded is not None:
                 folded = folded.densified(least, room - len(folded.keys), in_place=True)
                 merged = merged.densified(least, room - len(merged.keys))
