@@ -68,7 +68,8 @@ class AnalysisOptions:
 def memory_plan(selection, n_layers: int, runner: Runner, options: AnalysisOptions, groups: int = 1) -> MemoryPlan:
     """The batches and lanes for this selection within the budget (memory.py), or AnalysisError before
     any read. The budget: --memory-limit, else half the machine's memory; on a dask.distributed cluster,
-    also at most the smallest worker memory limit (each worker then runs as many lanes as it has threads)."""
+    also at most what a worker may use (Runner.worker_memory: the smallest worker memory limit times
+    distributed's pause share; each worker then runs as many lanes as it has threads)."""
     budget = options.memory_limit if options.memory_limit is not None else _physical_memory() // 2
     workers = runner.workers
     if runner.distributed:
@@ -192,6 +193,7 @@ def analyze_selection(selection, options: AnalysisOptions | None = None, *, runn
     # --sensitivity keeps K sample groups and the other outlier rules' moments: d x d statistics per modality
     kept = options.kept_groups + (len(OUTLIER_RULES) if options.sensitivity else 0)
     plan = memory_plan(selection, len(layers), runner, options, groups=kept)
+    memory.return_freed_memory()
     log.info("memory plan: %s", plan.describe())
     summaries, influence, hits = {}, {}, []
     for batch in layer_batches(layers, plan.layers_per_batch):

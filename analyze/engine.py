@@ -25,6 +25,7 @@ from storage_schemas.schema import MODALITIES, TextRole
 from .config import DEFAULT, ReadConfig
 from .errors import AnalysisError
 from .kernels import Chunk
+from .memory import return_freed_memory
 from .reads import Progress, absorb
 from .runner import Runner
 from .scan import UnitFacts, runs
@@ -121,6 +122,7 @@ class LazyChunk:
 def fold_lane(read, items: list[tuple[LazyChunk, Chunk]]):
     """One lane: its chunks read in order, each mapped and folded into one accumulator (by the read's
     `fold` where it has one: the chunk's Gram products go straight into the accumulator's scatter)."""
+    return_freed_memory()  # also in a dask.distributed worker's process
     accumulator = None
     fold = getattr(read, "fold", None)
     for lazy, chunk in items:

@@ -26,6 +26,7 @@ from scipy.linalg import blas
 from .engine import MODALITIES, tree_combine
 from .gradient import LayerGradient, ModalityGradient
 from .kernels import as_rows, token_norms
+from .memory import return_freed_memory
 from .runner import Runner
 from .stats import LayerStats, NormSummary
 
@@ -149,6 +150,7 @@ class InfluenceRead:
     label = "per-sample influence"
 
     def map(self, x, chunk: SampleChunk, params: InfluenceParams) -> SampleSums:
+        return_freed_memory()  # in a dask.distributed worker's process too
         return map_chunk(x, chunk, params)
 
     def finish(self, partial: SampleSums, facts=None) -> SampleSums:

@@ -14,6 +14,7 @@ import dask
 from .errors import AnalysisError
 
 CONNECT_TIMEOUT = "10s"
+WORKER_PAUSE_SHARE = 0.8  # distributed's default memory.pause: a worker pauses its threads above it
 
 
 def blas_threads(limit: int):
@@ -93,13 +94,19 @@ class Runner:
                 return list(pool.map(fn, items))
 
     def worker_memory(self) -> tuple[int | None, int]:
-        """(the smallest memory limit of the cluster's workers, None when none has one; the most threads
-        a worker has): what memory.plan takes as the budget per worker."""
+        """(the memory a worker may use, None when no worker has a limit; the most threads a worker has):
+        what memory.plan takes as the budget per worker. That memory is the smallest worker memory limit
+        times the share at which distributed pauses a worker (distributed.worker.memory.pause, 0.8 by
+        default; at 0.95 it kills it): a plan up to the limit itself would stall or lose workers."""
         info = self._connect().scheduler_info()
         workers = list(info.get("workers", {}).values())
         limits = [int(w["memory_limit"]) for w in workers if w.get("memory_limit")]
         threads = max([int(w.get("nthreads", 1)) for w in workers] or [1])
-        return (min(limits) if limits else None), threads
+        if not limits:
+            return None, threads
+        share = dask.config.get("distributed.worker.memory.pause", WORKER_PAUSE_SHARE)
+        share = share if isinstance(share, (int, float)) and 0 < share <= 1 else WORKER_PAUSE_SHARE
+        return int(min(limits) * share), threads
 
     def describe(self) -> str:
         if self.distributed:

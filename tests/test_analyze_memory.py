@@ -18,7 +18,7 @@ from analyze.api import memory_plan, selection_shape
 from analyze.engine import LazyChunk, compute_stats, lanes_of
 from analyze.errors import AnalysisError
 from analyze.memory import Shape
-from analyze.runner import Runner
+from analyze.runner import WORKER_PAUSE_SHARE, Runner
 from pipelines.cli import main
 from storage_schemas import open_archive
 from storage_schemas.synth import write_synthetic_archive
@@ -166,12 +166,31 @@ def test_on_a_cluster_the_worker_memory_limit_is_the_budget(archive, monkeypatch
                                   dashboard_address=None) as cluster:
         runner = Runner(cluster.scheduler_address)
         try:
-            assert runner.worker_memory() == (300 * 10**6, 1)
+            assert runner.worker_memory() == (int(300 * 10**6 * WORKER_PAUSE_SHARE), 1)  # where it would pause
             selection = open_archive(archive).select()
             options = AnalysisOptions(cache=False)  # the local default (half the RAM) is larger: the worker's wins
-            with pytest.raises(AnalysisError, match=r"memory budget 286.10 MiB is too small.*workers' memory limit"):
+            with pytest.raises(AnalysisError, match=r"memory budget 228.88 MiB is too small.*workers' memory limit"):
                 memory_plan(selection, 3, runner, options)
             with pytest.raises(AnalysisError, match="is too small"):
                 analyze_selection(selection, options, runner=runner)
         finally:
             runner.close()
+    # a worker that can hold the plan runs it within it: its own peak (VmHWM) under the plan's estimate,
+    # under its pause share of the limit, and the same numbers as local threads
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True, memory_limit="1GB",
+                                  dashboard_address=None) as cluster:
+        runner = Runner(cluster.scheduler_address)
+        try:
+            options = AnalysisOptions(cache=False)
+            plan = memory_plan(selection, len(selection.layers), runner, options)
+            result = analyze_selection(selection, options, runner=runner)
+            peaks = runner._connect().run(_own_peak)
+            assert plan.budget == int(10**9 * WORKER_PAUSE_SHARE) and max(peaks.values()) <= plan.peak <= plan.budget
+            assert np.isclose(result.mir, analyze_selection(selection, options).mir, rtol=1e-9)
+        finally:
+            runner.close()
+
+
+def _own_peak() -> int:
+    """This process's peak RSS (VmHWM: its own address space's, unlike ru_maxrss)."""
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
