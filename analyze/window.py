@@ -53,6 +53,25 @@ class WindowCounts:
         """(S, 256): the counts of each key, in key order."""
         return self.counts[:len(self.keys)] if self.rows is None else self.counts[self.rows]
 
+    def _own_rows(self) -> np.ndarray:
+        """(S,) the counts row of each key, in key order."""
+        return np.arange(len(self.keys)) if self.rows is None else self.rows
+
+    def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For each of `keys`: whether it is one of self's dense slots, its position in self.keys, and its
+        counts row (-1 where it is not a slot)."""
+        used = len(self.keys)
+        pos = np.minimum(np.searchsorted(self.keys, keys), max(used - 1, 0))
+        hit = np.zeros(len(keys), bool) if used == 0 else self.keys[pos] == keys
+        return hit, pos, np.where(hit, self._own_rows()[pos] if used else 0, -1)
+
+    @staticmethod
+    def _with_fresh(keys: np.ndarray, rows: np.ndarray, fresh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted keys and their rows, with `fresh` keys (none of `keys`) given the rows after the used ones."""
+        keys = np.concatenate([keys, fresh.astype(np.int64)])
+        order = np.argsort(keys, kind="stable")
+        return keys[order], np.concatenate([rows, len(rows) + np.arange(len(fresh))])[order]
+
     def merge(self, other: WindowCounts) -> WindowCounts:
         keys = np.union1d(self.keys, other.keys)
         counts = np.zeros((len(keys), 256), np.int32)
@@ -68,11 +87,8 @@ class WindowCounts:
         The buffer is allocated at `room` rows once (np.zeros: pages the counts never touch stay
         uncommitted), so no chunk copies the accumulator; the gathered values likewise, with room for
         `gathered_room`."""
-        rows = np.arange(len(self.keys)) if self.rows is None else self.rows
-        pos = np.minimum(np.searchsorted(self.keys, other.keys), max(len(self.keys) - 1, 0))
-        hit = np.zeros(len(other.keys), bool) if len(self.keys) == 0 else self.keys[pos] == other.keys
-        target = np.where(hit, rows[pos] if len(rows) else 0, -1)
-        counts, keys = self.counts, self.keys
+        hit, pos, target = self._find(other.keys)
+        counts, keys, rows = self.counts, self.keys, self._own_rows()
         fresh = np.flatnonzero(~hit)
         used = len(keys)
         if used + len(fresh) > room:
@@ -84,9 +100,7 @@ class WindowCounts:
             target[hit] = pos[hit]
         if len(fresh):
             target[fresh] = used + np.arange(len(fresh))
-            keys = np.concatenate([keys, other.keys[fresh]])
-            order = np.argsort(keys, kind="stable")
-            keys, rows = keys[order], np.concatenate([rows, target[fresh]])[order]
+            keys, rows = self._with_fresh(keys, rows, other.keys[fresh])
         counts[target] += other.dense()
         sparse_keys, sparse_bytes, buffers = self._appended(other, gathered_room)
         return WindowCounts(keys, counts, sparse_keys, sparse_bytes, rows, max(self.densify_after, other.densify_after),
@@ -127,14 +141,12 @@ class WindowCounts:
         total, used = len(self.sparse_keys), len(self.keys)
         # an accumulator counts them straight into its buffer: into the rows of keys it has as dense slots
         # already (a bin can be dense in one chunk and gathered in another), new keys into its spare rows
-        own = np.arange(used) if self.rows is None else self.rows
-        pos = np.minimum(np.searchsorted(self.keys, big), max(used - 1, 0))
-        exists = np.zeros(len(big), bool) if used == 0 else self.keys[pos] == big
+        exists, _, row = self._find(big)
         fresh = big[~exists]
         direct = in_place and self.counts.dtype == np.int32 and len(self.counts) >= used + len(fresh)
         if direct:
-            flat, row = self.counts.reshape(-1), np.empty(len(big), np.int64)
-            row[exists], row[~exists] = own[pos[exists]], used + np.arange(len(fresh))
+            flat = self.counts.reshape(-1)
+            row[~exists] = used + np.arange(len(fresh))
         else:
             flat, row = np.zeros(len(big) * 256, np.int32), np.arange(len(big))
         out_keys, out_bytes = (self.sparse_keys, self.sparse_bytes) if in_place else \
@@ -152,11 +164,8 @@ class WindowCounts:
             kept += n
         gathered = self.gathered if in_place else None
         if direct:
-            keys = np.concatenate([self.keys, fresh.astype(np.int64)])
-            rows = np.concatenate([own, used + np.arange(len(fresh))])
-            order = np.argsort(keys, kind="stable")
-            return WindowCounts(keys[order], self.counts, out_keys[:kept], out_bytes[:kept], rows[order], 2 * kept,
-                                gathered)
+            keys, rows = self._with_fresh(self.keys, self._own_rows(), fresh)
+            return WindowCounts(keys, self.counts, out_keys[:kept], out_bytes[:kept], rows, 2 * kept, gathered)
         extra = WindowCounts(big.astype(np.int64), flat.reshape(-1, 256), self.sparse_keys[:0], self.sparse_bytes[:0])
         rest = WindowCounts(self.keys, self.counts, out_keys[:kept], out_bytes[:kept], self.rows, 2 * kept, gathered)
         if in_place:
@@ -176,10 +185,8 @@ class WindowCounts:
         d = len(top)
         want = np.arange(d, dtype=np.int64) * 256 + np.asarray(top, np.int64)
         counts = np.zeros((d, 256), np.int64)
-        pos = np.minimum(np.searchsorted(self.keys, want), max(len(self.keys) - 1, 0))
-        found = np.zeros(d, bool) if len(self.keys) == 0 else self.keys[pos] == want
-        rows = pos[found] if self.rows is None else self.rows[pos[found]]
-        counts[found] = self.counts[rows]
+        found, _, rows = self._find(want)
+        counts[found] = self.counts[rows[found]]
         hit = np.isin(self.sparse_keys, want)
         np.add.at(counts, (self.sparse_keys[hit] // 256, self.sparse_bytes[hit]), 1)
         if np.any(counts.sum(axis=1) != expected):
