@@ -26,6 +26,7 @@ from .errors import AnalysisError
 from .frechet import SQRT_MODES
 from . import memory
 from .gaps import depth_shares
+from .gradient import InfluenceMethod
 from .influence import INFLUENCE_VERSION, LayerInfluence, compute_influence
 from .memory import MemoryPlan, Shape
 from .results import layer_summary, layer_summary_and_gradient
@@ -44,6 +45,7 @@ class AnalysisOptions:
     precision: str = "float32"  # Gram products (float64 accumulation either way)
     bootstrap: int = 0  # replicates; 0 = none
     seed: int = 0
+    influence: str = "auto"  # the influence read's covariance term: auto (sketch), exact, or a sketch rank
     cache: bool = True
     cache_dir: str | None = None
     memory_limit: int | None = None  # bytes; None = half the machine's memory
@@ -56,8 +58,16 @@ class AnalysisOptions:
             raise AnalysisError(f"unknown --sqrt mode {self.mode!r}; choose one of {', '.join(SQRT_MODES)}")
         if self.bootstrap < 0:
             raise AnalysisError("--bootstrap must be 0 or positive")
+        try:
+            InfluenceMethod.parse(self.influence)
+        except ValueError as exc:
+            raise AnalysisError(str(exc)) from None
         if self.sensitivity and self.groups < 2:
             raise AnalysisError("FD-infinity needs at least 2 sample groups")
+
+    @property
+    def influence_method(self) -> InfluenceMethod:
+        return InfluenceMethod.parse(self.influence)
 
     @property
     def kept_groups(self) -> int:
@@ -116,8 +126,10 @@ def _batch_influence(selection, batch: list[int], stats: dict, options: Analysis
                      cache: StatsCache | None, runner: Runner) -> tuple[dict[int, dict], dict[int, LayerInfluence]]:
     """Per-sample influence values of a batch of layers: cached, or one read of the missing layers. Returns
     them with the summaries of the missing layers, computed with their gradients from one trace solve."""
+    method = options.influence_method
+    form = method.describe(int(selection.archive.hidden_size))
     keys = {layer: {**_cache_key(selection, layer, options.precision), "kind": "influence",
-                    "influence_version": INFLUENCE_VERSION} for layer in batch}
+                    "influence_version": INFLUENCE_VERSION, "influence": form} for layer in batch}
     found, summaries = {}, {}
     if cache is not None:
         for layer in batch:
@@ -127,7 +139,7 @@ def _batch_influence(selection, batch: list[int], stats: dict, options: Analysis
     missing = [layer for layer in batch if layer not in found]
     if missing:
         solved = runner.map(lambda layer: layer_summary_and_gradient(stats[layer], options.mode, options.precision,
-                                                                     options.sensitivity), missing)
+                                                                     options.sensitivity, method), missing)
         summaries = {layer: summary for layer, (summary, _) in zip(missing, solved)}
         grads = {layer: grad for layer, (_, grad) in zip(missing, solved)}
         del solved
@@ -214,10 +226,12 @@ def analyze_selection(selection, options: AnalysisOptions | None = None, *, runn
     settings = {**asdict(options), "layers": layers, "text_tokens": selection.text_tokens,
                 "archive": selection.archive.paths, "archive_fingerprint": selection.archive.fingerprint,
                 "selection": selection.key, "scheduler": runner.describe(), "memory_plan": plan.describe()}
-    summary, per_sample = None, None
+    summary, per_sample, captured = None, None, None
     if options.bootstrap:
         per_sample = np.stack([influence[layer].d for layer in layers])
-        summary = boot.summarize(total, [influence[layer] for layer in layers], options.bootstrap, options.seed)
+        summary = boot.summarize(total, [influence[layer] for layer in layers], options.bootstrap, options.seed,
+                                 options.influence_method.describe(int(selection.archive.hidden_size)))
+        captured = np.stack([influence[layer].captured for layer in layers])
         if options.mode != "exact":
             summary["method"] += f"; about the {options.mode} FD, with the exact trace's per-sample values"
     attrs = result_attrs(mir=mir, mode=options.mode, n_samples=n_samples,
@@ -225,7 +239,7 @@ def analyze_selection(selection, options: AnalysisOptions | None = None, *, runn
                          n_text_tokens=int(selection.text.sizes["token"]), settings=settings, bootstrap=summary,
                          extra=extra_attrs)
     dataset = to_dataset(ordered, attrs, None if summary is None else summary["mir_replicates"],
-                         None if per_sample is None else (selection.sample_ids, per_sample))
+                         None if per_sample is None else (selection.sample_ids, per_sample), captured)
     result = AnalysisResult(dataset, settings,
                             cache={"location": str(cache.directory) if cache else None, "layers_reused": hits})
     result.warnings = _warnings(dataset, total)

@@ -23,6 +23,8 @@ METHOD = ("nonparametric delta method (infinitesimal jackknife) over samples; me
 BATCH = 2048  # replicates evaluated at once (B x N x N products)
 TIE_TOLERANCE = 1e-9  # BCa's z0: replicates this close to MIR (relative) count half below, half above
 HELD = "each modality's outlier rule (norm median and std) and column medians, at their full-selection values"
+HELD_SKETCH = ("; and, beyond the sketch's rank, each token's covariance term at its mean (influence_captured: the "
+               "share of that term's variance the sketch keeps, measured exactly on every 64th row)")
 
 
 def sample_weights(replicates: int, samples: int, seed: int) -> np.ndarray:
@@ -96,9 +98,10 @@ def delta_sd(fd_total: float, influence: np.ndarray) -> float:
     return float(np.sqrt(np.sum((d - d.mean()) ** 2)) / (fd_total * math.log(10))) if fd_total > 0 else math.nan
 
 
-def summarize(fd_total: float, layers: list, replicates: int, seed: int) -> dict:
+def summarize(fd_total: float, layers: list, replicates: int, seed: int, influence_form: str = "exact") -> dict:
     """MIR replicates and the intervals (percentile, and BCa: `bca_low` / `bca_high`), with what the interval
-    is (method, unit, what is held). `layers`: the LayerInfluence of every layer."""
+    is (method, unit, what is held, the influence read's covariance form and the least share of a token's
+    covariance term its sketch keeps over layers and modalities). `layers`: the LayerInfluence of every layer."""
     influence = np.sum([layer.d for layer in layers], axis=0)
     n = len(influence)
     mir = log10_or_nan(replicate_fd_totals(fd_total, influence, sample_weights(replicates, n, seed), layers))
@@ -108,7 +111,9 @@ def summarize(fd_total: float, layers: list, replicates: int, seed: int) -> dict
     return {"replicates": int(replicates), "seed": int(seed), "level": CI_LEVEL, "ci_low": lo, "ci_high": hi,
             "bca_low": b_lo, "bca_high": b_hi, "bca_z0": z0, "bca_acceleration": accel,
             "std": sd, "delta_std": delta_sd(fd_total, influence), "method": METHOD, "unit": "sample",
-            "units": int(n), "held": HELD, "mir_replicates": mir}
+            "units": int(n), "held": HELD + ("" if influence_form == "exact" else HELD_SKETCH),
+            "influence": influence_form, "influence_captured_min": float(np.min([layer.captured for layer in layers])),
+            "mir_replicates": mir}
 
 
 def paired_difference(a: tuple[float, dict], b: tuple[float, dict], replicates: int, seed: int) -> dict:

@@ -23,6 +23,8 @@ DESCRIPTIONS = {
     "norm_mean": "token-norm statistics in the archive's raw units",
     "mir_replicate": "MIR of each bootstrap replicate",
     "fd_influence": "first-order change of the layer's FD per unit weight of the sample (delta method)",
+    "influence_captured": "share of a token's covariance-term variance the influence read keeps (1: exact; "
+                          "sketch: measured exactly on every 64th row)",
     "gap_norm": "||mean(v/||v||) - mean(t/||t||)||, the modality gap of Liang et al. 2022 (raw tokens)",
     "gap_cosine": "|cos| of the gap vector with the modality's leading principal directions",
     "abs_median": "lower median of |h| over all values of the modality (raw units)",
@@ -49,10 +51,12 @@ SENSITIVITY_NUMBERS = ("mir_infinity", "mir_no_replacement", "mir_iqr_rule")  # 
 
 
 def to_dataset(summaries: list[dict], attrs: dict, mir_replicates: np.ndarray | None = None,
-               influence: tuple[list[str], np.ndarray] | None = None) -> xr.Dataset:
+               influence: tuple[list[str], np.ndarray] | None = None,
+               captured: np.ndarray | None = None) -> xr.Dataset:
     """The per-layer numbers as a Dataset: a layer-level number becomes a (layer) variable, a
     per-modality one a (layer, modality) variable, a per-modality vector a (layer, modality, rank) one.
-    `influence`: (sample ids, (layer, sample) influence values), the bootstrap's per-sample values."""
+    `influence`: (sample ids, (layer, sample) influence values), the bootstrap's per-sample values;
+    `captured` (layer, modality): the share of a token's covariance term the influence read keeps."""
     first = summaries[0]
     data = {}
     for name, value in first.items():
@@ -73,6 +77,8 @@ def to_dataset(summaries: list[dict], attrs: dict, mir_replicates: np.ndarray | 
     if influence is not None:
         data["fd_influence"] = (("layer", "sample"), np.asarray(influence[1], np.float64))
         coords["sample_id"] = ("sample", np.asarray(influence[0], dtype=str))
+    if captured is not None:
+        data["influence_captured"] = (("layer", "modality"), np.asarray(captured, np.float64))
     ds = xr.Dataset(data, coords=coords, attrs=attrs)
     for name, text in DESCRIPTIONS.items():
         if name in ds:
@@ -129,7 +135,8 @@ BOOTSTRAP_ATTRS = {"replicates": "bootstrap_replicates", "seed": "bootstrap_seed
                    "ci_low": "mir_ci_low", "ci_high": "mir_ci_high", "std": "mir_bootstrap_std",
                    "delta_std": "mir_delta_std", "method": "bootstrap_method", "unit": "bootstrap_unit",
                    "units": "bootstrap_units", "held": "bootstrap_held", "bca_low": "mir_bca_low",
-                   "bca_high": "mir_bca_high", "bca_z0": "bootstrap_bca_z0", "bca_acceleration": "bootstrap_bca_acceleration"}
+                   "bca_high": "mir_bca_high", "bca_z0": "bootstrap_bca_z0", "bca_acceleration": "bootstrap_bca_acceleration",
+                   "influence": "bootstrap_influence", "influence_captured_min": "bootstrap_influence_captured_min"}
 
 
 def result_attrs(*, mir: float, mode: str, n_samples: int, n_vision_tokens: int, n_text_tokens: int,

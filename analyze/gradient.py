@@ -35,15 +35,33 @@ DXD_HELD = 1  # d x d float64-equivalents one layer's gradient keeps for the inf
 
 
 @dataclass(frozen=True)
+class TriangularForm:
+    """The exact per-token form: ||a K^T y||^2 = ||L^T y[perm]||^2 (one triangular product per token)."""
+
+    perm: np.ndarray  # (d,) channel order of `tri`
+    tri: np.ndarray  # (d, d) lower triangular L, Fortran order, in the products' precision: L L^T = a^2 K K^T permuted
+
+
+@dataclass(frozen=True)
+class SketchForm:
+    """The rank-r per-token form (covariance_sketch): y^T Gamma y ~ sum_l weights_l (vectors_l . y)^2 for a raw
+    centred row y, the rest of Gamma held at its mean; `check` = a K (d, m), for the exact form on a row
+    subsample (influence.CHECK_EVERY) that measures what the sketch captures. Both in the products' precision."""
+
+    vectors: np.ndarray  # (d, r) a W: raw units
+    weights: np.ndarray  # (r,) float64
+    check: np.ndarray  # (d, m)
+
+
+@dataclass(frozen=True)
 class ModalityGradient:
     """What the influence read needs for one modality: in raw units (the map sees stored values)."""
 
     mean: np.ndarray  # (d,) raw mean after replacement
     direction: np.ndarray  # (d,) raw: mean_V - mean_T (vision) or mean_T - mean_V (text)
-    perm: np.ndarray  # (d,) channel order of `tri`
-    tri: np.ndarray  # (d, d) lower triangular L, Fortran order, in the products' precision:
-    #                  L L^T = a^2 K K^T permuted, so ||L^T y[perm]||^2 = ||a K^T y||^2
     median: np.ndarray  # (d,) raw column median, the value of replaced rows
+    scale: float  # a: a raw centred row y is a y in normalised units
+    form: TriangularForm | SketchForm
 
 
 @dataclass(frozen=True)
@@ -57,7 +75,7 @@ class LayerGradient:
     trace_sqrt: float  # f on normalised covariances
     vision: ModalityGradient
     text: ModalityGradient
-    totals: dict  # per modality: n, total variance (normalised), median-row terms
+    totals: dict  # per modality: n, cov_mean (a token's covariance term at the full selection), median-row terms
 
     def modality(self, name: str) -> ModalityGradient:
         return self.vision if name == "vision" else self.text
@@ -105,21 +123,113 @@ def trace_solve(covs: list[np.ndarray], factors: list[np.ndarray] | None = None)
     return TraceSolve(value, negative, f"factor-{lam.size}", side, keep_y, lam[keep], vec, other)
 
 
-def _k_factors(solve: TraceSolve) -> dict[str, np.ndarray]:
-    """{modality: K} with df/dC = 1/2 K K^T; empties `solve` of its d x d matrices as they are used."""
+def _k_factors(solve: TraceSolve, dtype=np.float64) -> tuple[dict[str, np.ndarray], dict, dict]:
+    """({modality: K} with df/dC = 1/2 K K^T, in `dtype`; {modality: x -> C x} in `dtype`; the same maps in
+    float64). Empties `solve` of its d x d matrices, which the maps then hold (the caller drops them when
+    done: with dtype float32, two float64 and four float32 d x d, DXD_PEAK's 4)."""
     s = np.sqrt(solve.eigenvalues)
     vec, solve.vectors = solve.vectors, None
     vec *= s ** -0.5
-    factor, solve.factor = solve.factor, None
-    k_other = factor @ vec  # K of the other modality: Y_V U S^-1/2 is K_T
-    del factor, vec
-    other, solve.other_cov = solve.other_cov, None
+    factor64, solve.factor = solve.factor, None
+    other64, solve.other_cov = solve.other_cov, None
+    factor, other = factor64.astype(dtype, copy=False), other64.astype(dtype, copy=False)
+    k_other = factor @ vec.astype(dtype, copy=False)  # K of the other modality: Y_V U S^-1/2 is K_T
+    del vec
     k_side = other @ k_other
-    del other
-    k_side *= 1.0 / s
-    if solve.side == "vision":
-        return {"text": k_other, "vision": k_side}
-    return {"vision": k_other, "text": k_side}
+    k_side *= (1.0 / s).astype(dtype)
+    other_name = "text" if solve.side == "vision" else "vision"
+    covs = {solve.side: lambda x: factor @ (factor.T @ x), other_name: lambda x: other @ x}
+    exact = {solve.side: lambda x: factor64 @ (factor64.T @ x), other_name: lambda x: other64 @ x}
+    return {solve.side: k_side, other_name: k_other}, covs, exact
+
+
+@dataclass(frozen=True)
+class InfluenceMethod:
+    """How a token's covariance term y^T Gamma y (Gamma = I - K K^T, normalised units) enters the influence
+    read. "exact": a triangular product per token, about the cost of the scan's Gram product again.
+    "sketch" (default): its rank-r part in the whitened metric (covariance_sketch), 2r/d of a Gram product
+    per token, the rest held at its mean; r = `rank`, or by default max(SKETCH_MIN_RANK, d / SKETCH_SHARE)."""
+
+    kind: str = "sketch"
+    rank: int | None = None
+
+    KINDS = ("sketch", "exact")
+
+    @classmethod
+    def parse(cls, text: str) -> "InfluenceMethod":
+        """'auto' (the default sketch), 'exact', or a sketch rank."""
+        text = str(text).strip().lower()
+        if text in ("auto", "sketch"):
+            return cls()
+        if text == "exact":
+            return cls("exact")
+        if text.isdigit() and int(text) > 0:
+            return cls("sketch", int(text))
+        raise ValueError(f"--influence takes auto, exact or a positive sketch rank, not {text!r}")
+
+    def rank_for(self, d: int) -> int:
+        if self.kind == "exact":
+            return d
+        return min(d, self.rank if self.rank is not None else max(SKETCH_MIN_RANK, -(-d // SKETCH_SHARE)))
+
+    def describe(self, d: int) -> str:
+        """What the cache key and the JSON call it: the method and everything its numbers depend on."""
+        if self.kind == "exact":
+            return "exact"
+        return (f"sketch rank {self.rank_for(d)} (+{SKETCH_OVERSAMPLE} oversampling, {SKETCH_POWER} power "
+                f"iteration(s), seed {SKETCH_SEED})")
+
+
+SKETCH_MIN_RANK = 64
+SKETCH_SHARE = 16  # default rank d / 16: 1/8 of a Gram product per token
+SKETCH_OVERSAMPLE = 8
+SKETCH_POWER = 1
+SKETCH_SEED = 0
+SKETCH_RTOL = 1e-12  # eigenvalues of Q^T C Q below this share of the largest: outside the covariance's range
+
+
+def covariance_sketch(k: np.ndarray, cov, rank: int, exact_cov=None,
+                      seed: int = SKETCH_SEED) -> tuple[np.ndarray, np.ndarray, float]:
+    """(W (d, r'), lam (r'), kept mean), r' <= rank: y^T Gamma y ~ sum_l lam_l (w_l . y)^2 with Gamma = I - K K^T,
+    for centred rows y of covariance C (`cov`: x -> C x), W^T C W ~ I; the kept mean sum_l lam_l w_l^T C w_l is
+    taken with `exact_cov` (float64; default `cov`), so kept + held is exact whatever the sketch's rounding.
+
+    Why this form: in whitened coordinates z = C^-1/2 y (identity covariance) a token's term is z^T E z with
+    E = C^1/2 Gamma C^1/2, whose eigenvector directions are uncorrelated terms of variance 2 lam^2 for Gaussian
+    rows; keeping the r largest |lam| keeps the most of the variance per product, and what is left has the
+    mean tr(Gamma C) - kept mean exactly, so it is held, not lost. E's eigenvectors, mapped back, are those of
+    Gamma C: a randomised subspace iteration on Gamma C (Halko, Martinsson & Tropp 2011, with
+    SKETCH_OVERSAMPLE extra columns and SKETCH_POWER power iterations), then Rayleigh-Ritz in the C inner
+    product. When rank + oversampling reaches d the subspace is everything and the form is exact."""
+    d = k.shape[0]
+    cols = min(d, rank + SKETCH_OVERSAMPLE)
+
+    def gamma_c(x):
+        cx = cov(x)
+        return cx - k @ (k.T @ cx)
+
+    rng = np.random.default_rng(seed)
+    if cols < d:
+        q = np.linalg.qr(gamma_c(rng.standard_normal((d, cols)).astype(k.dtype)))[0]
+        for _ in range(SKETCH_POWER):
+            q = np.linalg.qr(gamma_c(q))[0]
+    else:
+        q = np.eye(d, dtype=k.dtype)
+    cq = cov(q)
+    gcq = cq - k @ (k.T @ cq)
+    inner, vec = np.linalg.eigh(_sym(q.T @ cq).astype(np.float64))  # Q^T C Q: the C inner product
+    keep = inner > SKETCH_RTOL * inner.max() if inner.size and inner.max() > 0 else np.zeros(inner.shape, bool)
+    t = vec[:, keep] / np.sqrt(inner[keep])
+    lam, z = np.linalg.eigh(_sym(t.T @ (cq.T @ gcq).astype(np.float64) @ t))
+    order = np.argsort(-np.abs(lam), kind="stable")[:rank]
+    w = q @ (t @ z[:, order]).astype(q.dtype)
+    w64 = w.astype(np.float64)
+    kept_mean = float(lam[order] @ np.einsum("ij,ij->j", w64, (exact_cov or cov)(w64)))
+    return w, lam[order], kept_mean
+
+
+def _sym(a: np.ndarray) -> np.ndarray:
+    return (a + a.T) * 0.5
 
 
 def triangular_factor(k: list[np.ndarray], scale: float, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -151,10 +261,11 @@ def products_dtype(stats: LayerStats, modality: str, precision: str):
     return np.float64 if s.n < s.d or precision == "float64" else np.float32
 
 
-def layer_gradient(stats: LayerStats, precision: str = "float32", solved: tuple | None = None) -> LayerGradient:
-    """The exact-trace FD of the layer and its gradient pieces (see the module docstring). `solved`:
-    (a, mv, mt, traces, solve) from results.layer_summary_and_gradient, whose trace solve is reused;
-    without it everything is computed here."""
+def layer_gradient(stats: LayerStats, precision: str = "float32", solved: tuple | None = None,
+                   method: InfluenceMethod = InfluenceMethod()) -> LayerGradient:
+    """The exact-trace FD of the layer and its gradient pieces (see the module docstring), with each
+    modality's per-token form by `method`. `solved`: (a, mv, mt, traces, solve) from
+    results.layer_summary_and_gradient, whose trace solve is reused; without it everything is computed here."""
     if solved is None:
         a = stats.scale()
         mv, mt = stats.vision.replaced(), stats.text.replaced()
@@ -168,14 +279,30 @@ def layer_gradient(stats: LayerStats, precision: str = "float32", solved: tuple 
     f = solve.value
     diff = (mv.mean - mt.mean) * a
     fd = float(diff @ diff + traces[0] + traces[1] - 2 * f)
-    ks = _k_factors(solve)
+    work = np.float64 if method.kind == "exact" or any(
+        products_dtype(stats, m, precision) == np.float64 for m in ("vision", "text")) else np.float32
+    ks, covs, exact_covs = _k_factors(solve, work)
+    sketches = {}
+    if method.kind == "sketch":
+        sketches = {name: covariance_sketch(ks[name], covs[name], method.rank_for(stats.vision.d), exact_covs[name])
+                    for name in ks}
+    del covs, exact_covs  # the factor and the other covariance
     grads, totals = {}, {}
     for name, mom, trace_cov, sign in (("vision", mv, traces[0], 1.0), ("text", mt, traces[1], -1.0)):
         s = stats.modality(name)
-        dev = s.median - mom.mean
-        median_quad = float(np.sum((dev @ ks[name] * a) ** 2))
-        perm, tri = triangular_factor([ks.pop(name)], a, products_dtype(stats, name, precision))
-        grads[name] = ModalityGradient(mom.mean, sign * (mv.mean - mt.mean), perm, tri, s.median)
-        totals[name] = {"n": mom.n, "trace_cov": trace_cov, "median_sq": float(dev @ dev), "median_quad": median_quad,
-                        "median_lin": float(sign * (mv.mean - mt.mean) @ dev)}
+        dev = (s.median - mom.mean) * a  # normalised
+        dtype = products_dtype(stats, name, precision)
+        if name in sketches:
+            w, lam, cov_mean = sketches.pop(name)
+            form = SketchForm(np.ascontiguousarray(w * a, dtype), lam, (ks.pop(name) * a).astype(dtype))
+            median_cov = float(lam @ (dev @ w.astype(np.float64)) ** 2)
+        else:
+            k = ks.pop(name)
+            median_cov, cov_mean = float(dev @ dev - np.sum((dev @ k) ** 2)), trace_cov - f
+            perm, tri = triangular_factor([k], a, dtype)
+            del k
+            form = TriangularForm(perm, tri)
+        grads[name] = ModalityGradient(mom.mean, sign * (mv.mean - mt.mean), s.median, a, form)
+        totals[name] = {"n": mom.n, "cov_mean": cov_mean, "median_cov": median_cov,
+                        "median_lin": float(sign * (mv.mean - mt.mean) @ (s.median - mom.mean))}
     return LayerGradient(stats.layer, fd, float(diff @ diff), a, f, grads["vision"], grads["text"], totals)

@@ -10,10 +10,14 @@ value). Everything else is differentiated: the text scale, both means, both cova
 
 With weights w (one per sample, 1 at the full selection), FD(w) ~ FD + sum_i (w_i - 1) D_i, where
 D_i = 2 a^2 sum_X dir_X . e_Xi / n_X                         (means; e = sum of the sample's centred rows)
-    + sum_X (a^2 sq_Xi - quad_Xi - n_Xi (tr C_X - f)) / (n_X - 1)   (covariances and the trace)
+    + sum_X (cov_Xi - n_Xi cov_mean_X) / (n_X - 1)            (covariances and the trace)
     + 2 FD (n_Ti - a u_i) / n_T                               (the scale a = n_T / sum of text norms),
-sq = sum of squared centred norms and quad = sum of ||K^T y||^2 over the sample's rows (replaced rows
-enter as copies of the median).
+cov = the sum over the sample's rows (normalised, centred: y) of y^T Gamma y, Gamma = I - K K^T, and
+cov_mean its value per row at the full selection (replaced rows enter as copies of the median). Exact
+(gradient.TriangularForm): ||y||^2 - ||K^T y||^2, cov_mean = tr C - f. Sketched (gradient.SketchForm, the
+default): its rank-r part sum_l lam_l (w_l . y)^2, cov_mean = sum_l lam_l, the rest held at its mean (so it
+cancels); every CHECK_EVERY-th row also gets the exact term, and the output reports the share of its
+variance the sketch keeps (`captured_share`).
 """
 from __future__ import annotations
 
@@ -24,15 +28,16 @@ import numpy as np
 from scipy.linalg import blas
 
 from .engine import MODALITIES, tree_combine
-from .gradient import LayerGradient, ModalityGradient
+from .gradient import LayerGradient, ModalityGradient, SketchForm, TriangularForm
 from .kernels import as_rows, token_norms
 from .memory import return_freed_memory
 from .runner import Runner
 from .stats import LayerStats, NormSummary
 
-INFLUENCE_VERSION = 1
-FIELDS = ("tokens", "outliers", "norm_sum", "lin", "sq", "quad")
+INFLUENCE_VERSION = 2  # 2: the per-token covariance term by InfluenceMethod (exact or sketch), with its check
+FIELDS = ("tokens", "outliers", "norm_sum", "lin", "cov", "check_n", "check_e", "check_e2", "check_r", "check_r2")
 STEP_ROWS = 4096
+CHECK_EVERY = 64  # the sketch's check: the exact covariance term on every 64th row (1/32 of a Gram product)
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,8 @@ class SampleSums:
 class LayerInfluence:
     """What a layer's replicates need, per sample i (N,) unless said: `d` the first-order FD change;
     the mean term's exact parts: counts n_v, n_t, text norm sums u, lin_v / lin_t (direction . centred
-    sums), gram (3, N, N) of the centred sums (vision.vision, vision.text, text.text), and the layer's
+    sums), gram (3, N, N) of the centred sums (vision.vision, vision.text, text.text), what the sketch of
+    the covariance term keeps per modality (`captured`, 1 when exact), and the layer's
     mean term, scale and linear mean-term share `d_mean` (raw units except mean_term and d)."""
 
     d: np.ndarray
@@ -62,10 +68,11 @@ class LayerInfluence:
     lin_v: np.ndarray
     lin_t: np.ndarray
     gram: np.ndarray
+    captured: np.ndarray  # (2,) vision, text: influence.captured_share of the per-token covariance term
     mean_term: float
     scale: float
 
-    ARRAYS = ("d", "d_mean", "n_v", "n_t", "u", "lin_v", "lin_t", "gram")
+    ARRAYS = ("d", "d_mean", "n_v", "n_t", "u", "lin_v", "lin_t", "gram", "captured")
 
     def to_arrays(self) -> dict:
         return {**{k: getattr(self, k) for k in self.ARRAYS}, "scalars": np.array([self.mean_term, self.scale])}
@@ -86,52 +93,79 @@ class SampleChunk:
 
 @dataclass(frozen=True)
 class InfluenceParams:
-    gradient: ModalityGradient  # its `tri` is in the products' precision (gradient.products_dtype)
+    gradient: ModalityGradient  # its form is in the products' precision (gradient.products_dtype)
     norms: NormSummary  # the held outlier rule
 
     @property
-    def permuted(self) -> tuple[np.ndarray, np.ndarray]:
-        """(mean, direction) in the factor's channel order and the products' precision, computed once."""
-        cached = self.__dict__.get("_permuted")
+    def prepared(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, direction) in the form's channel order and the products' precision, computed once."""
+        cached = self.__dict__.get("_prepared")
         if cached is None:
-            g, work = self.gradient, self.gradient.tri.dtype
-            cached = (g.mean[g.perm].astype(work), g.direction[g.perm].astype(work))
-            object.__setattr__(self, "_permuted", cached)
+            g = self.gradient
+            order = g.form.perm if isinstance(g.form, TriangularForm) else slice(None)
+            cached = (g.mean[order].astype(_work_dtype(g)), g.direction[order].astype(_work_dtype(g)))
+            object.__setattr__(self, "_prepared", cached)
         return cached
 
 
+def _work_dtype(g: ModalityGradient):
+    return g.form.tri.dtype if isinstance(g.form, TriangularForm) else g.form.vectors.dtype
+
+
 def map_chunk(x, chunk: SampleChunk, params: InfluenceParams) -> SampleSums:
-    """Per-sample counts, outliers, norm sums and the three sums over non-outlier rows. The rows are
-    gathered once into the factor's channel order (everything per row is order-free; the per-sample
-    vectors are put back at the end); products in the factor's precision, per-sample sums in float64."""
+    """Per-sample counts, outliers, norm sums and the sums over non-outlier rows: the mean direction term,
+    the covariance term (gradient.TriangularForm or SketchForm) and, for a sketch, its check on every
+    CHECK_EVERY-th row (the exact term e and the residual r = e - sketch: sum, sum of squares). The rows are
+    centred once in the form's channel order (everything per row is order-free; the per-sample vectors are put
+    back at the end); products in the form's precision, per-sample sums in float64."""
     x = as_rows(x)
     g = params.gradient
     norms = token_norms(x)
     out = params.norms.outliers(norms)
     keep = ~out
-    lin, sq, quad = (np.zeros(len(x)) for _ in range(3))
+    per_row = np.zeros((len(FIELDS) - 3, len(x)))  # FIELDS[3:] per row
     n, s = chunk.samples, chunk.sample
     vectors = np.zeros((n, x.shape[1]))
-    tri = g.tri
-    trmm = blas.strmm if tri.dtype == np.float32 else blas.dtrmm
-    mean, direction = params.permuted
-    ones = np.ones(min(STEP_ROWS, len(x)), tri.dtype)
+    work = _work_dtype(g)
+    mean, direction = params.prepared
+    ones = np.ones(min(STEP_ROWS, len(x)), work)
     for start in range(0, len(x), STEP_ROWS):
         rows = slice(start, start + STEP_ROWS)
-        y = np.subtract(np.take(x[rows], g.perm, axis=1), mean, dtype=tri.dtype)  # (rows, d) C order
+        block = x[rows] if isinstance(g.form, SketchForm) else np.take(x[rows], g.form.perm, axis=1)
+        y = np.subtract(block, mean, dtype=work)  # (rows, d) C order
+        del block
         y[out[rows]] = 0
-        lin[rows] = y @ direction
-        sq[rows] = np.einsum("ij,ij->i", y, y, dtype=np.float64)
+        per_row[0, rows] = y @ direction
         for i, a, b in _runs(s[rows]):  # a sample's rows are contiguous: few runs per step
             vectors[i] += ones[:b - a] @ y[a:b]
-        p = trmm(1.0, tri, y.T, side=0, lower=1, trans_a=1, overwrite_b=1)  # y.T: Fortran, no copy
-        quad[rows] = np.einsum("ji,ji->i", p, p, dtype=np.float64)
+        _covariance_terms(y, g, per_row[1:, rows])
     back = np.empty_like(vectors)
-    back[:, g.perm] = vectors
+    back[:, slice(None) if isinstance(g.form, SketchForm) else g.form.perm] = vectors
     values = np.stack([np.bincount(s, minlength=n).astype(np.float64), np.bincount(s, weights=out, minlength=n),
                        np.bincount(s, weights=norms, minlength=n)]
-                      + [np.bincount(s[keep], weights=v[keep], minlength=n) for v in (lin, sq, quad)])
+                      + [np.bincount(s[keep], weights=v[keep], minlength=n) for v in per_row])
     return SampleSums(values, back)
+
+
+def _covariance_terms(y: np.ndarray, g: ModalityGradient, out: np.ndarray) -> None:
+    """Into out (6, rows): each row's covariance term (normalised units) and the sketch's check fields.
+    `y` (raw centred rows in the form's order) is overwritten."""
+    a2 = g.scale * g.scale
+    form = g.form
+    if isinstance(form, TriangularForm):
+        out[0] = a2 * np.einsum("ij,ij->i", y, y, dtype=np.float64)
+        trmm = blas.strmm if form.tri.dtype == np.float32 else blas.dtrmm
+        p = trmm(1.0, form.tri, y.T, side=0, lower=1, trans_a=1, overwrite_b=1)  # y.T: Fortran, no copy
+        out[0] -= np.einsum("ji,ji->i", p, p, dtype=np.float64)
+        return
+    p = y @ form.vectors
+    out[0] = np.square(p, dtype=np.float64) @ form.weights
+    sub = y[::CHECK_EVERY]
+    e = a2 * np.einsum("ij,ij->i", sub, sub, dtype=np.float64) - np.square(sub @ form.check, dtype=np.float64).sum(1)
+    r = e - out[0, ::CHECK_EVERY]
+    out[1, ::CHECK_EVERY] = 1
+    out[2, ::CHECK_EVERY], out[3, ::CHECK_EVERY] = e, e * e
+    out[4, ::CHECK_EVERY], out[5, ::CHECK_EVERY] = r, r * r
 
 
 def _runs(sample: np.ndarray) -> list[tuple[int, int, int]]:
@@ -159,18 +193,17 @@ class InfluenceRead:
 
 def layer_influence(grad: LayerGradient, sums: dict[str, SampleSums]) -> LayerInfluence:
     """D_i of one layer (N,) and the mean term's exact parts, from both modalities' per-sample sums."""
-    a, fd, f = grad.scale, grad.fd, grad.trace_sqrt
+    a, fd = grad.scale, grad.fd
     total = np.zeros(sums["vision"].values.shape[1])
-    lins, centred = {}, {}
+    lins, centred, captured = {}, {}, []
     for m in MODALITIES:
         t = grad.totals[m]
-        n_i, o_i, _, lin, sq, quad = sums[m].values
+        n_i, o_i, _, lin, cov, *check = sums[m].values
         lins[m] = lin + o_i * t["median_lin"]
         centred[m] = sums[m].vectors + np.outer(o_i, grad.modality(m).median - grad.modality(m).mean)
-        sq = sq + o_i * t["median_sq"]
-        quad = quad + o_i * t["median_quad"]
         total += 2 * a * a * lins[m] / t["n"]
-        total += (a * a * sq - quad - n_i * (t["trace_cov"] - f)) / (t["n"] - 1)
+        total += (cov + o_i * t["median_cov"] - n_i * t["cov_mean"]) / (t["n"] - 1)
+        captured.append(captured_share(*(c.sum() for c in check)))
     n_t, _, u, *_ = sums["text"].values
     n_total = grad.totals["text"]["n"]
     total += 2 * fd * (n_t - a * u) / n_total
@@ -180,7 +213,17 @@ def layer_influence(grad: LayerGradient, sums: dict[str, SampleSums]) -> LayerIn
     cv, ct = centred["vision"], centred["text"]
     gram = np.stack([cv @ cv.T, cv @ ct.T, ct @ ct.T])
     return LayerInfluence(total, d_mean, sums["vision"].values[0], n_t, u, lins["vision"], lins["text"], gram,
-                          mean_term, a)
+                          np.array(captured), mean_term, a)
+
+
+def captured_share(n: float, e: float, e2: float, r: float, r2: float) -> float:
+    """1 - var(residual) / var(exact term) over the checked rows: the share of the per-token covariance
+    term's variance the sketch keeps (1 when exact; nan with fewer than 2 checked rows)."""
+    if n < 2:
+        return 1.0 if n == 0 and e == 0 else float("nan")
+    var_e = (e2 - e * e / n) / (n - 1)
+    var_r = max(0.0, (r2 - r * r / n) / (n - 1))
+    return float(1.0 - var_r / var_e) if var_e > 0 else float("nan")
 
 
 def compute_influence(selection, grads: dict[int, LayerGradient], stats: dict[int, LayerStats],

@@ -14,7 +14,7 @@ from .activations import massive_summary
 from .extrapolate import sensitivity_numbers
 from .frechet import FrechetResult, PsdFactor, frechet_distance, symmetrize, trace_sqrt_of_factors
 from .gaps import channel_matched_trace, gap_parts
-from .gradient import LayerGradient, layer_gradient, trace_solve
+from .gradient import InfluenceMethod, LayerGradient, layer_gradient, trace_solve
 from .moments import Moments
 from .stats import LayerStats, ModalityStats
 
@@ -106,13 +106,13 @@ def layer_summary(stats: LayerStats, mode: str, sensitivity: bool = False) -> di
     return _with_sensitivity(out, stats, mean_term, variances, tau, sensitivity)
 
 
-def layer_summary_and_gradient(stats: LayerStats, mode: str, precision: str,
-                               sensitivity: bool = False) -> tuple[dict, LayerGradient]:
+def layer_summary_and_gradient(stats: LayerStats, mode: str, precision: str, sensitivity: bool = False,
+                               method: InfluenceMethod = InfluenceMethod()) -> tuple[dict, LayerGradient]:
     """layer_summary and the layer's FD gradient (the bootstrap's influence read, gradient.py) from one trace
     solve: the eigenvectors of the published trace term's eigensolve are what the gradient needs. Memory:
     the covariances and factors are handed to the gradient, which frees them as it goes."""
     if mode != "exact" or stats.vision.rows is not None or stats.text.rows is not None:
-        return layer_summary(stats, mode, sensitivity), layer_gradient(stats, precision)  # solved twice
+        return layer_summary(stats, mode, sensitivity), layer_gradient(stats, precision, method=method)  # solved twice
     a = stats.scale()
     (mv, cv), (mt, ct) = (_moments_and_covariance(s, None, a) for s in (stats.vision, stats.text))
     covs = [cv, ct]
@@ -133,7 +133,7 @@ def layer_summary_and_gradient(stats: LayerStats, mode: str, precision: str,
     summary = _summary(stats, fd, mv, mt, a, spectra)
     summary.update(gap_parts(mean_term, *variances, solve.value, tau_d, mv.n, mt.n))
     summary = _with_sensitivity(summary, stats, mean_term, variances, solve.value, sensitivity)
-    return summary, layer_gradient(stats, precision, (a, mv, mt, traces, solve))
+    return summary, layer_gradient(stats, precision, (a, mv, mt, traces, solve), method)
 
 
 def _with_sensitivity(out: dict, stats: LayerStats, mean_term: float, variances, tau: float,

@@ -15,6 +15,7 @@ import storage_schemas.synth as synth
 from analyze import AnalysisError, AnalysisOptions, analyze_selection
 from analyze import api as analysis_api
 from analyze.bootstrap import paired_difference, sample_weights
+from analyze.gradient import InfluenceMethod
 from storage_schemas import open_archive
 
 BRUTE_REPLICATES = 1500  # Monte Carlo error of the brute-force 95% ends: about 0.03 widths
@@ -125,14 +126,20 @@ def test_one_trace_solve_publishes_the_same_numbers_and_gradient(tmp_path, monke
     for name in ("fd", "trace_sqrt", "total_variance", "effective_rank", "condition_number"):
         np.testing.assert_allclose(boot.dataset[name].values, plain.dataset[name].values, rtol=1e-10)
     stats = compute_stats(selection, [1])[1]
-    summary, grad = layer_summary_and_gradient(stats, "exact", "float64")
-    alone = layer_gradient(stats, "float64")
+    exact = InfluenceMethod("exact")
+    summary, grad = layer_summary_and_gradient(stats, "exact", "float64", method=exact)
+    alone = layer_gradient(stats, "float64", method=exact)
     assert summary["fd"] == pytest.approx(layer_summary(stats, "exact")["fd"], rel=1e-12)
     assert grad.fd == pytest.approx(alone.fd, rel=1e-12) and grad.trace_sqrt == pytest.approx(alone.trace_sqrt)
+    sketched = layer_summary_and_gradient(stats, "exact", "float64", method=InfluenceMethod("sketch", 3))[1]
+    sketched_alone = layer_gradient(stats, "float64", method=InfluenceMethod("sketch", 3))
     for m in ("vision", "text"):
-        got, want = grad.modality(m), alone.modality(m)
+        got, want = grad.modality(m).form, alone.modality(m).form
         full = [np.empty_like(g.tri) for g in (got, want)]
         for out, g in zip(full, (got, want)):
             out[np.ix_(g.perm, g.perm)] = g.tri @ g.tri.T  # a^2 K K^T in channel order
         np.testing.assert_allclose(full[0], full[1], rtol=0, atol=1e-9 * np.abs(full[1]).max())
         assert grad.totals[m] == pytest.approx(alone.totals[m], rel=1e-9)
+        forms = [g.modality(m).form for g in (sketched, sketched_alone)]
+        kept = [(f.vectors * f.weights) @ f.vectors.T for f in forms]  # sum_l lam_l w_l w_l^T, raw units
+        np.testing.assert_allclose(kept[0], kept[1], rtol=0, atol=1e-8 * np.abs(kept[1]).max())

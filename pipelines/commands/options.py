@@ -78,6 +78,11 @@ def trace_options(bootstrap_default: int):
                          help="Bootstrap replicates (samples resampled; delta method) for 95% confidence intervals "
                               "(0: none)."),
             click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap."),
+            click.option("--influence", default="auto", show_default=True, metavar="auto|exact|RANK",
+                         help="The bootstrap's per-token covariance term: auto (a rank max(64, d/16) sketch in the "
+                              "whitened metric, about 1/8 of a Gram product per token; the rest held at its mean, "
+                              "and the share it keeps reported as influence_captured), exact (a triangular product "
+                              "per token: about a second Gram pass), or a sketch RANK."),
         ]
         for option in reversed(options):
             fn = option(fn)
