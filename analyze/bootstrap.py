@@ -112,8 +112,15 @@ def summarize(fd_total: float, layers: list, replicates: int, seed: int, influen
             "bca_low": b_lo, "bca_high": b_hi, "bca_z0": z0, "bca_acceleration": accel,
             "std": sd, "delta_std": delta_sd(fd_total, influence), "method": METHOD, "unit": "sample",
             "units": int(n), "held": HELD + ("" if influence_form == "exact" else HELD_SKETCH),
-            "influence": influence_form, "influence_captured_min": float(np.min([layer.captured for layer in layers])),
+            "influence": influence_form, "influence_captured_min": _least([layer.captured for layer in layers]),
             "mir_replicates": mir}
+
+
+def _least(values: list) -> float:
+    """The smallest finite value (nan where none is: a sketch checked on fewer than 2 rows)."""
+    finite = np.asarray(values, np.float64)
+    finite = finite[np.isfinite(finite)]
+    return float(finite.min()) if finite.size else math.nan
 
 
 def paired_difference(a: tuple[float, dict], b: tuple[float, dict], replicates: int, seed: int) -> dict:

@@ -8,8 +8,10 @@ C_T = Y_T Y_T^T and W = Y_V^T Y_T = U S V^T: df/dC_T = 1/2 K_T K_T^T with K_T = 
 df/dC_V = 1/2 K_V K_V^T with K_V = Y_T V S^-1/2 = C_T K_T S^-1, on the numerical range. The eigenvectors
 U come from the eigensolve of W W^T that the published trace term needs anyway (`trace_solve`, called once
 by results.layer_summary_and_gradient when the bootstrap is on); the second side is then one product with
-the other covariance. A token y (centred) contributes ||y||^2 - ||K^T y||^2 to tr((I - 2 df/dC) y y^T):
-one triangular product per token (K K^T's pivoted Cholesky factor), the cost of one Gram product.
+the other covariance. A token y (centred) contributes y^T Gamma y = ||y||^2 - ||K^T y||^2 to
+tr((I - 2 df/dC) y y^T). Exactly (InfluenceMethod "exact"), one triangular product per token (K K^T's
+pivoted Cholesky factor), the cost of one Gram product; by default its rank-r part in the whitened metric
+(covariance_sketch), 2r/d of that, the rest held at its mean and its kept share measured (influence.py).
 
 Memory: d x d float64 matrices are freed as soon as they are used (the inputs are handed over in lists
 that the functions empty); DXD_PEAK counts the most that are alive at once.
@@ -31,7 +33,8 @@ DXD_PEAK = 4  # most d x d float64 matrices alive at once in trace_solve + layer
 #               the two covariances and their two factors (not the layer statistics they came from; measured
 #               with tracemalloc at d = 600: 4.07). Making the factors (frechet.PsdFactor.of, before the
 #               hand-over) briefly needs 3 more next to its input.
-DXD_HELD = 1  # d x d float64-equivalents one layer's gradient keeps for the influence read (two float32 factors)
+DXD_HELD = 1.25  # d x d float64-equivalents one layer's gradient keeps for the influence read: two float32 d x d
+#                  (the exact form's triangular factors, or the sketch's check K) and the sketch's d x r vectors
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class SketchForm:
     vectors: np.ndarray  # (d, r) a W: raw units
     weights: np.ndarray  # (r,) float64
     check: np.ndarray  # (d, m)
+    complete: bool  # the subspace was everything and every direction kept: the form is exact
 
 
 @dataclass(frozen=True)
@@ -124,8 +128,8 @@ def trace_solve(covs: list[np.ndarray], factors: list[np.ndarray] | None = None)
 
 
 def _k_factors(solve: TraceSolve, dtype=np.float64) -> tuple[dict[str, np.ndarray], dict, dict]:
-    """({modality: K} with df/dC = 1/2 K K^T, in `dtype`; {modality: x -> C x} in `dtype`; the same maps in
-    float64). Empties `solve` of its d x d matrices, which the maps then hold (the caller drops them when
+    """({modality: K} with df/dC = 1/2 K K^T, in `dtype`; {modality: x -> C x} in `dtype`; {modality:
+    W -> diag(W^T C W)} in float64, one product each). Empties `solve` of its d x d matrices, which the maps then hold (the caller drops them when
     done: with dtype float32, two float64 and four float32 d x d, DXD_PEAK's 4)."""
     s = np.sqrt(solve.eigenvalues)
     vec, solve.vectors = solve.vectors, None
@@ -139,7 +143,8 @@ def _k_factors(solve: TraceSolve, dtype=np.float64) -> tuple[dict[str, np.ndarra
     k_side *= (1.0 / s).astype(dtype)
     other_name = "text" if solve.side == "vision" else "vision"
     covs = {solve.side: lambda x: factor @ (factor.T @ x), other_name: lambda x: other @ x}
-    exact = {solve.side: lambda x: factor64 @ (factor64.T @ x), other_name: lambda x: other64 @ x}
+    exact = {solve.side: lambda w: np.square(factor64.T @ w).sum(axis=0),
+             other_name: lambda w: np.einsum("ij,ij->j", w, other64 @ w)}
     return {solve.side: k_side, other_name: k_other}, covs, exact
 
 
@@ -148,7 +153,8 @@ class InfluenceMethod:
     """How a token's covariance term y^T Gamma y (Gamma = I - K K^T, normalised units) enters the influence
     read. "exact": a triangular product per token, about the cost of the scan's Gram product again.
     "sketch" (default): its rank-r part in the whitened metric (covariance_sketch), 2r/d of a Gram product
-    per token, the rest held at its mean; r = `rank`, or by default max(SKETCH_MIN_RANK, d / SKETCH_SHARE)."""
+    per token, the rest held at its mean; r = `rank`, or by default max(SKETCH_MIN_RANK, d / SKETCH_SHARE)
+    (128 at d = 4096: 1/16 of a Gram product)."""
 
     kind: str = "sketch"
     rank: int | None = None
@@ -181,18 +187,20 @@ class InfluenceMethod:
 
 
 SKETCH_MIN_RANK = 64
-SKETCH_SHARE = 16  # default rank d / 16: 1/8 of a Gram product per token
+SKETCH_SHARE = 32  # default rank d / 32: 1/16 of a Gram product per token
 SKETCH_OVERSAMPLE = 8
 SKETCH_POWER = 1
 SKETCH_SEED = 0
 SKETCH_RTOL = 1e-12  # eigenvalues of Q^T C Q below this share of the largest: outside the covariance's range
 
 
-def covariance_sketch(k: np.ndarray, cov, rank: int, exact_cov=None,
-                      seed: int = SKETCH_SEED) -> tuple[np.ndarray, np.ndarray, float]:
-    """(W (d, r'), lam (r'), kept mean), r' <= rank: y^T Gamma y ~ sum_l lam_l (w_l . y)^2 with Gamma = I - K K^T,
+def covariance_sketch(k: np.ndarray, cov, rank: int, exact_diag=None,
+                      seed: int = SKETCH_SEED) -> tuple[np.ndarray, np.ndarray, float, bool]:
+    """(W (d, r'), lam (r'), kept mean, complete), r' <= rank: y^T Gamma y ~ sum_l lam_l (w_l . y)^2 with Gamma = I - K K^T,
     for centred rows y of covariance C (`cov`: x -> C x), W^T C W ~ I; the kept mean sum_l lam_l w_l^T C w_l is
-    taken with `exact_cov` (float64; default `cov`), so kept + held is exact whatever the sketch's rounding.
+    taken with `exact_diag` (W -> diag(W^T C W) in float64; default from `cov`), so kept + held is exact
+    whatever the sketch's rounding; `complete`: the subspace was everything and every direction was kept, so
+    the form is exact.
 
     Why this form: in whitened coordinates z = C^-1/2 y (identity covariance) a token's term is z^T E z with
     E = C^1/2 Gamma C^1/2, whose eigenvector directions are uncorrelated terms of variance 2 lam^2 for Gaussian
@@ -224,8 +232,9 @@ def covariance_sketch(k: np.ndarray, cov, rank: int, exact_cov=None,
     order = np.argsort(-np.abs(lam), kind="stable")[:rank]
     w = q @ (t @ z[:, order]).astype(q.dtype)
     w64 = w.astype(np.float64)
-    kept_mean = float(lam[order] @ np.einsum("ij,ij->j", w64, (exact_cov or cov)(w64)))
-    return w, lam[order], kept_mean
+    diag = exact_diag(w64) if exact_diag is not None else np.einsum("ij,ij->j", w64, cov(w64))
+    kept_mean = float(lam[order] @ diag)
+    return w, lam[order], kept_mean, cols >= d and len(order) == len(lam)
 
 
 def _sym(a: np.ndarray) -> np.ndarray:
@@ -293,8 +302,8 @@ def layer_gradient(stats: LayerStats, precision: str = "float32", solved: tuple 
         dev = (s.median - mom.mean) * a  # normalised
         dtype = products_dtype(stats, name, precision)
         if name in sketches:
-            w, lam, cov_mean = sketches.pop(name)
-            form = SketchForm(np.ascontiguousarray(w * a, dtype), lam, (ks.pop(name) * a).astype(dtype))
+            w, lam, cov_mean, complete = sketches.pop(name)
+            form = SketchForm(np.ascontiguousarray(w * a, dtype), lam, (ks.pop(name) * a).astype(dtype), complete)
             median_cov = float(lam @ (dev @ w.astype(np.float64)) ** 2)
         else:
             k = ks.pop(name)

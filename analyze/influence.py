@@ -89,6 +89,7 @@ class SampleChunk:
 
     sample: np.ndarray  # (rows,) int64
     samples: int  # N
+    first: int = 0  # the modality's token index of the chunk's first row (the check rows: index % CHECK_EVERY == 0)
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def map_chunk(x, chunk: SampleChunk, params: InfluenceParams) -> SampleSums:
         per_row[0, rows] = y @ direction
         for i, a, b in _runs(s[rows]):  # a sample's rows are contiguous: few runs per step
             vectors[i] += ones[:b - a] @ y[a:b]
-        _covariance_terms(y, g, per_row[1:, rows])
+        _covariance_terms(y, g, per_row[1:, rows], -(chunk.first + start) % CHECK_EVERY)
     back = np.empty_like(vectors)
     back[:, slice(None) if isinstance(g.form, SketchForm) else g.form.perm] = vectors
     values = np.stack([np.bincount(s, minlength=n).astype(np.float64), np.bincount(s, weights=out, minlength=n),
@@ -147,9 +148,9 @@ def map_chunk(x, chunk: SampleChunk, params: InfluenceParams) -> SampleSums:
     return SampleSums(values, back)
 
 
-def _covariance_terms(y: np.ndarray, g: ModalityGradient, out: np.ndarray) -> None:
-    """Into out (6, rows): each row's covariance term (normalised units) and the sketch's check fields.
-    `y` (raw centred rows in the form's order) is overwritten."""
+def _covariance_terms(y: np.ndarray, g: ModalityGradient, out: np.ndarray, offset: int) -> None:
+    """Into out (6, rows): each row's covariance term (normalised units) and the sketch's check fields on
+    rows offset, offset + CHECK_EVERY, ... `y` (raw centred rows in the form's order) is overwritten."""
     a2 = g.scale * g.scale
     form = g.form
     if isinstance(form, TriangularForm):
@@ -160,12 +161,13 @@ def _covariance_terms(y: np.ndarray, g: ModalityGradient, out: np.ndarray) -> No
         return
     p = y @ form.vectors
     out[0] = np.square(p, dtype=np.float64) @ form.weights
-    sub = y[::CHECK_EVERY]
+    every = slice(offset, None, CHECK_EVERY)
+    sub = y[every]
     e = a2 * np.einsum("ij,ij->i", sub, sub, dtype=np.float64) - np.square(sub @ form.check, dtype=np.float64).sum(1)
-    r = e - out[0, ::CHECK_EVERY]
-    out[1, ::CHECK_EVERY] = 1
-    out[2, ::CHECK_EVERY], out[3, ::CHECK_EVERY] = e, e * e
-    out[4, ::CHECK_EVERY], out[5, ::CHECK_EVERY] = r, r * r
+    r = e - out[0, every]
+    out[1, every] = 1
+    out[2, every], out[3, every] = e, e * e
+    out[4, every], out[5, every] = r, r * r
 
 
 def _runs(sample: np.ndarray) -> list[tuple[int, int, int]]:
@@ -203,7 +205,9 @@ def layer_influence(grad: LayerGradient, sums: dict[str, SampleSums]) -> LayerIn
         centred[m] = sums[m].vectors + np.outer(o_i, grad.modality(m).median - grad.modality(m).mean)
         total += 2 * a * a * lins[m] / t["n"]
         total += (cov + o_i * t["median_cov"] - n_i * t["cov_mean"]) / (t["n"] - 1)
-        captured.append(captured_share(*(c.sum() for c in check)))
+        form = grad.modality(m).form
+        exact = isinstance(form, TriangularForm) or form.complete
+        captured.append(1.0 if exact else captured_share(*(c.sum() for c in check)))
     n_t, _, u, *_ = sums["text"].values
     n_total = grad.totals["text"]["n"]
     total += 2 * fd * (n_t - a * u) / n_total
@@ -218,9 +222,9 @@ def layer_influence(grad: LayerGradient, sums: dict[str, SampleSums]) -> LayerIn
 
 def captured_share(n: float, e: float, e2: float, r: float, r2: float) -> float:
     """1 - var(residual) / var(exact term) over the checked rows: the share of the per-token covariance
-    term's variance the sketch keeps (1 when exact; nan with fewer than 2 checked rows)."""
+    term's variance the sketch keeps (nan with fewer than 2 checked rows)."""
     if n < 2:
-        return 1.0 if n == 0 and e == 0 else float("nan")
+        return float("nan")
     var_e = (e2 - e * e / n) / (n - 1)
     var_r = max(0.0, (r2 - r * r / n) / (n - 1))
     return float(1.0 - var_r / var_e) if var_e > 0 else float("nan")
@@ -244,7 +248,7 @@ def compute_influence(selection, grads: dict[int, LayerGradient], stats: dict[in
             held = stats[layer].modality(m).norms
             params = dask.delayed(InfluenceParams(grad.modality(m), held), pure=True)
             edges = np.concatenate([[0], np.cumsum(arr.chunks[0])]).astype(int)
-            parts = [dask.delayed(read.map, pure=True)(x, SampleChunk(sample[a:b], n), params)
+            parts = [dask.delayed(read.map, pure=True)(x, SampleChunk(sample[a:b], n, int(a)), params)
                      for x, a, b in zip(arr.to_delayed().ravel(), edges[:-1], edges[1:])]
             graph.append(dask.delayed(read.finish, pure=True)(tree_combine(parts)))
             keys.append((layer, m))

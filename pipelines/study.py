@@ -181,7 +181,8 @@ def analyze_checkpoint(params: dict, name: str):
     except ValueError as exc:
         raise StudyError(f"[analyze] memory-limit {p['memory_limit']!r} is not a size (e.g. 2GB)") from exc
     options = AnalysisOptions(mode=p["mode"], precision=p["precision"], bootstrap=p["bootstrap"], seed=p["seed"],
-                              cache=not p["no_cache"], cache_dir=p["cache_dir"], memory_limit=limit)
+                              influence=str(p.get("influence", "auto")), cache=not p["no_cache"],
+                              cache_dir=p["cache_dir"], memory_limit=limit)
     runner = Runner(p["scheduler"], workers=p["workers"], progress=bool(p["progress"]))
     try:
         return analyze_archives(list(p["archives"]), layers=p["layers"], samples=p["samples"], where=p["where"],

@@ -32,6 +32,7 @@ PUBLISHED_LAYER = {"layer": EXACT, "fd": SPECTRUM, "fd_mean_term": FD_SHARE, "fd
 SENSITIVITY_LAYER = {"fd_infinity": EXTRAPOLATED, "fd_infinity_slope": SLOPE, "fd_no_replacement": SPECTRUM,
                      "fd_iqr_rule": SPECTRUM}
 SENSITIVITY_MODALITY = {"outliers_iqr": EXACT}
+BOOTSTRAP_MODALITY = {"influence_captured": RAW}
 SENSITIVITY_TOP = ("mir_infinity", "mir_no_replacement", "mir_iqr_rule")
 PUBLISHED_MODALITY = {"tokens": EXACT, "outliers": EXACT, "norm_mean": RAW, "norm_median": RAW, "norm_std": RAW,
                       "outlier_threshold": RAW, "tokens_per_channel": RAW, "total_variance": SPECTRUM,
@@ -77,6 +78,11 @@ def reference_document(selection, bootstrap: dict | None = None, sensitivity: bo
         doc["bootstrap"] = published_bootstrap(inputs, selection.sample_index, bootstrap["replicates"],
                                                bootstrap["seed"])
         doc["bootstrap"]["sample_ids"] = selection.sample_ids
+        d = int(selection.archive.hidden_size)
+        assert d <= 64, "the default sketch is complete (exact) only for d <= 64: use influence_captured's reference"
+        for r in layers:  # complete: 1 by definition
+            r["vision"]["influence_captured"] = r["text"]["influence_captured"] = 1.0
+        doc["bootstrap"]["influence_captured_min"] = 1.0
     return doc
 
 
@@ -150,7 +156,8 @@ def check_layers(got_layers: list[dict], ref_layers: list[dict], rtol: float = F
     assert [g["layer"] for g in got_layers] == [r["layer"] for r in ref_layers]
     sensitive = "fd_infinity" in ref_layers[0]
     layer_fields = {**PUBLISHED_LAYER, **(SENSITIVITY_LAYER if sensitive else {})}
-    modality_fields = {**PUBLISHED_MODALITY, **(SENSITIVITY_MODALITY if sensitive else {})}
+    modality_fields = {**PUBLISHED_MODALITY, **(SENSITIVITY_MODALITY if sensitive else {}),
+                       **(BOOTSTRAP_MODALITY if "influence_captured" in ref_layers[0]["vision"] else {})}
     for got, ref in zip(got_layers, ref_layers):
         assert set(got) == set(layer_fields) | {"vision", "text"}, sorted(set(got) ^ set(layer_fields))
         parts = sum(got[name] for name in ("gap_shift", "gap_scale", "gap_channel", "gap_shape"))
@@ -200,6 +207,8 @@ def check_bootstrap(got: dict, ref: dict, influence: tuple | None = None) -> Non
     for name in ("std", "delta_std"):
         assert abs(got[name] - ref[name]) <= 1e-4 * abs(ref[name]), (name, got[name], ref[name])
     assert "delta method" in got["method"] and "outlier rule" in got["held"] and "medians" in got["held"]
+    assert got["influence"].startswith("sketch rank ") and "at its mean" in got["held"]
+    assert got["influence_captured_min"] == ref["influence_captured_min"]
     if "fd_influence" in got:  # the JSON: the per-sample values, summed over layers, by sample id
         assert got["sample_ids"] == ref["sample_ids"]
         np.testing.assert_allclose(got["fd_influence"], ref["fd_influence"], rtol=1e-4,
@@ -244,7 +253,8 @@ def layers_from_dataset(ds: xr.Dataset) -> list[dict]:
         for name, var in ds.data_vars.items():
             if var.dims in (("replicate",), ("layer", "sample")):
                 continue  # the bootstrap's MIR replicates and per-sample values: check_dataset
-            known = {**PUBLISHED_LAYER, **PUBLISHED_MODALITY, **SENSITIVITY_LAYER, **SENSITIVITY_MODALITY}
+            known = {**PUBLISHED_LAYER, **PUBLISHED_MODALITY, **SENSITIVITY_LAYER, **SENSITIVITY_MODALITY,
+                     **BOOTSTRAP_MODALITY}
             assert name in known, f"netCDF variable {name!r} is not checked"
             if var.dims == ("layer",):
                 value = var.values[i]
@@ -263,7 +273,8 @@ BOOTSTRAP_ATTRS = {"bootstrap_replicates": "replicates", "bootstrap_seed": "seed
                    "mir_ci_low": "ci_low", "mir_ci_high": "ci_high", "mir_bootstrap_std": "std",
                    "mir_delta_std": "delta_std", "bootstrap_method": "method", "bootstrap_unit": "unit",
                    "bootstrap_units": "units", "bootstrap_held": "held", "mir_bca_low": "bca_low",
-                   "mir_bca_high": "bca_high", "bootstrap_bca_z0": "bca_z0", "bootstrap_bca_acceleration": "bca_acceleration"}
+                   "mir_bca_high": "bca_high", "bootstrap_bca_z0": "bca_z0", "bootstrap_bca_acceleration": "bca_acceleration",
+                   "bootstrap_influence": "influence", "bootstrap_influence_captured_min": "influence_captured_min"}
 
 
 def check_dataset(ds: xr.Dataset, ref: dict, *, mode: str = "exact") -> None:

@@ -123,3 +123,51 @@ def bca_reference(finite: np.ndarray, estimate: float, u: np.ndarray) -> dict:
     za = norm.ppf([(1 - CI_LEVEL) / 2, (1 + CI_LEVEL) / 2])
     low, high = np.quantile(finite, norm.cdf(z0 + (z0 + za) / (1 - accel * (z0 + za))))
     return {"bca_low": float(low), "bca_high": float(high), "bca_z0": z0, "bca_acceleration": accel}
+
+
+CHECK_EVERY = 64  # the rows the sketch is checked on: token index % 64 == 0 (analyze/influence.py)
+
+
+def _roots(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """C^1/2 and the pseudo-inverse of C^1/2 (symmetric PSD, on its numerical range)."""
+    w, u = np.linalg.eigh((c + c.T) / 2)
+    keep = w > 1e-12 * max(w.max(), 1e-300)
+    return (u[:, keep] * np.sqrt(w[keep])) @ u[:, keep].T, (u[:, keep] / np.sqrt(w[keep])) @ u[:, keep].T
+
+
+def covariance_gradients(cv: np.ndarray, ct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """dFD/dC_V and dFD/dC_T = I - 2 df/dC for f = tr((C_V C_T)^1/2), by the closed form
+    df/dC_T = 1/2 C_V^1/2 (C_V^1/2 C_T C_V^1/2)^-1/2 C_V^1/2 (and its mirror), inverse roots on the range."""
+    out = []
+    for a, b in ((ct, cv), (cv, ct)):  # dC_V: the roles of the two swap
+        ra, _ = _roots(a)
+        _, inv_root = _roots(ra @ b @ ra)
+        out.append(np.eye(len(a)) - ra @ inv_root @ ra)
+    return out[0], out[1]
+
+
+def influence_captured(layer: Layer, rank: int) -> dict:
+    """What `influence_captured` should be per modality for a sketch of `rank`: over the check rows that are
+    not outliers, 1 - var(e - s) / var(e) with e = y^T Gamma y the exact covariance term of a centred
+    normalised row and s its rank-r part: the r largest-|lambda| eigenpairs of C^1/2 Gamma C^1/2."""
+    v, _, t, _ = layer
+    v, t = v.astype(np.float64), t.astype(np.float64)
+    a = 1.0 / np.sqrt((t * t).sum(axis=1)).mean()
+    rows, kept = {}, {}
+    for name, x in (("vision", v), ("text", t)):
+        replaced, norms = _held(x)
+        out = np.abs(norms - lower_median(norms)) > 3 * np.std(norms, ddof=1)
+        rows[name] = a * replaced
+        kept[name] = (~out) & (np.arange(len(x)) % CHECK_EVERY == 0)
+    covs = {name: np.cov(x, rowvar=False, ddof=1) for name, x in rows.items()}
+    grads = dict(zip(("vision", "text"), covariance_gradients(covs["vision"], covs["text"])))
+    result = {}
+    for name, x in rows.items():
+        y = (x - x.mean(axis=0))[kept[name]]
+        root, inv_root = _roots(covs[name])
+        lam, z = np.linalg.eigh(root @ grads[name] @ root)
+        top = np.argsort(-np.abs(lam), kind="stable")[:rank]
+        e = np.einsum("ij,jk,ik->i", y, grads[name], y)
+        s = ((y @ inv_root @ z[:, top]) ** 2) @ lam[top]
+        result[name] = float(1 - np.var(e - s, ddof=1) / np.var(e, ddof=1)) if len(e) >= 2 else math.nan
+    return result

@@ -9,13 +9,13 @@ import math
 import numpy as np
 import pytest
 from analyze_published import reference_inputs
-from analyze_reference_bootstrap import brute_force_bootstrap, finite_difference_influence
+from analyze_reference_bootstrap import brute_force_bootstrap, finite_difference_influence, influence_captured
 
 import storage_schemas.synth as synth
 from analyze import AnalysisError, AnalysisOptions, analyze_selection
 from analyze import api as analysis_api
 from analyze.bootstrap import paired_difference, sample_weights
-from analyze.gradient import InfluenceMethod
+from analyze.gradient import InfluenceMethod, covariance_sketch
 from storage_schemas import open_archive
 
 BRUTE_REPLICATES = 1500  # Monte Carlo error of the brute-force 95% ends: about 0.03 widths
@@ -47,13 +47,15 @@ def test_influence_values_equal_finite_differences(tmp_path, monkeypatch, case):
                                    atol=tol * np.abs(want).max())
 
 
+@pytest.mark.parametrize("influence", ["auto", "2"])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_interval_matches_a_brute_force_sample_bootstrap(tmp_path, monkeypatch, case, dtype):
+def test_interval_matches_a_brute_force_sample_bootstrap(tmp_path, monkeypatch, case, dtype, influence):
     """Width within 15%, ends within 0.2 widths, sd within 15% of the bootstrap that recomputes scale,
-    outlier rule, medians, means, covariances and the exact trace per replicate."""
+    outlier rule, medians, means, covariances and the exact trace per replicate; with the covariance term's
+    sketch at its full rank here (auto: d <= 64) and forced down to rank 2 (of 10 to 32 channels)."""
     selection = _selection(tmp_path, monkeypatch, case, dtype)
-    b = analyze_selection(selection, AnalysisOptions(bootstrap=10000, cache=False)).bootstrap
+    b = analyze_selection(selection, AnalysisOptions(bootstrap=10000, cache=False, influence=influence)).bootstrap
     brute = brute_force_bootstrap(reference_inputs(selection), selection.sample_index, BRUTE_REPLICATES, seed=1)
     lo, hi = np.quantile(brute, [0.025, 0.975])
     width = hi - lo
@@ -143,3 +145,49 @@ def test_one_trace_solve_publishes_the_same_numbers_and_gradient(tmp_path, monke
         forms = [g.modality(m).form for g in (sketched, sketched_alone)]
         kept = [(f.vectors * f.weights) @ f.vectors.T for f in forms]  # sum_l lam_l w_l w_l^T, raw units
         np.testing.assert_allclose(kept[0], kept[1], rtol=0, atol=1e-8 * np.abs(kept[1]).max())
+
+
+def test_covariance_sketch_is_exact_at_full_rank_and_finds_the_leading_directions():
+    """gradient.covariance_sketch against a float64 eigendecomposition of E = C^1/2 Gamma C^1/2: at full rank
+    it reproduces y^T Gamma y for any y, with W^T C W = I and the kept mean tr(Gamma C); on a rank-deficient C
+    it does so on C's range; below full rank it keeps the leading |lambda| (here after a spectral gap)."""
+    rng = np.random.default_rng(3)
+    d = 80
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    k = rng.standard_normal((d, d)) * 0.05
+    k[:, :3] += rng.standard_normal((d, 3)) * 2  # three strong directions: a gap after the third
+    gamma = np.eye(d) - k @ k.T
+    for spectrum in (np.geomspace(100, 0.01, d), np.r_[np.geomspace(100, 1, 30), np.zeros(d - 30)]):
+        c = (q * spectrum) @ q.T
+        w, lam, kept, complete = covariance_sketch(k, lambda x: c @ x, d)
+        y = rng.standard_normal((7, d)) @ (q * np.sqrt(spectrum)).T  # rows in C's range
+        exact = np.einsum("ij,jk,ik->i", y, gamma, y)
+        np.testing.assert_allclose(((y @ w) ** 2) @ lam, exact, rtol=1e-9, atol=1e-9 * np.abs(exact).max())
+        np.testing.assert_allclose(w.T @ c @ w, np.eye(len(lam)), atol=1e-9)
+        assert kept == pytest.approx(np.trace(gamma @ c), rel=1e-10)
+        assert len(lam) == np.count_nonzero(spectrum) and complete
+    root = (q * np.sqrt(spectrum)) @ q.T
+    e = np.linalg.eigvalsh(root @ gamma @ root)
+    leading = e[np.argsort(-np.abs(e))][:3]
+    _, lam, _, complete = covariance_sketch(k, lambda x: c @ x, 3)
+    assert not complete
+    np.testing.assert_allclose(lam, leading, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case, rank", [("many-outliers", 2), ("few-samples", 3), ("tokens-below-channels", 4)])
+def test_influence_captured_equals_the_reference(tmp_path, monkeypatch, case, rank):
+    """The published share of the covariance term the sketch keeps, against an independent float64 route
+    (closed-form gradient, full eigendecomposition of C^1/2 Gamma C^1/2, the same check rows)."""
+    selection = _selection(tmp_path, monkeypatch, case, "float32")
+    got = analyze_selection(selection, AnalysisOptions(bootstrap=10, cache=False, precision="float64",
+                                                       influence=str(rank)))
+    assert got.bootstrap["influence"].startswith(f"sketch rank {rank} ") and "at its mean" in got.bootstrap["held"]
+    captured = got.dataset["influence_captured"]
+    assert got.bootstrap["influence_captured_min"] == pytest.approx(float(captured.min()))
+    for i, layer in enumerate(reference_inputs(selection)):
+        want = influence_captured(layer, rank)
+        for j, m in enumerate(("vision", "text")):
+            if math.isnan(want[m]):  # fewer than 2 check rows
+                assert math.isnan(captured.values[i, j]), (i, m)
+            else:
+                assert float(captured.values[i, j]) == pytest.approx(want[m], abs=1e-4), (i, m)

@@ -79,8 +79,8 @@ def trace_options(bootstrap_default: int):
                               "(0: none)."),
             click.option("--seed", default=0, show_default=True, type=int, help="Seed of the bootstrap."),
             click.option("--influence", default="auto", show_default=True, metavar="auto|exact|RANK",
-                         help="The bootstrap's per-token covariance term: auto (a rank max(64, d/16) sketch in the "
-                              "whitened metric, about 1/8 of a Gram product per token; the rest held at its mean, "
+                         help="The bootstrap's per-token covariance term: auto (a rank max(64, d/32) sketch in the "
+                              "whitened metric, about 1/16 of a Gram product per token; the rest held at its mean, "
                               "and the share it keeps reported as influence_captured), exact (a triangular product "
                               "per token: about a second Gram pass), or a sketch RANK."),
         ]
