@@ -61,6 +61,21 @@ if AVAILABLE:
                         unit_sum[j] += table[bits[i, j]] * w
 
     @_sum
+    def _centred_rows16(bits, table64, table32, mean, y, norms):
+        """Row norms (float64) and the rows minus `mean` in float32, for the influence read: one pass over the
+        stored values instead of numpy's float64 copy for the norms and a second conversion for the rows (the
+        norm loop and the conversion loop each vectorise; the row is in L1 for the second)."""
+        n, d = bits.shape
+        for i in range(n):
+            acc = 0.0
+            for j in range(d):
+                v = table64[bits[i, j]]
+                acc += v * v
+            norms[i] = np.sqrt(acc)
+            for j in range(d):
+                y[i, j] = table32[bits[i, j]] - mean[j]
+
+    @_sum
     def _row_norms32(x, out, unit_sum):
         n, d = x.shape
         weight = np.empty(ROWS)
@@ -255,3 +270,15 @@ def convert(x: np.ndarray, shift: np.ndarray, keep: np.ndarray, out: np.ndarray)
     else:
         _convert32(x, shift, keep, y)
     return y
+
+
+def centred_rows(x: np.ndarray, mean: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(norms (n,) float64, x - mean in `dtype`): compiled for float16 rows and float32 products, else numpy
+    (kernels.token_norms, np.subtract), which computes the same values up to the norms' summation order."""
+    if AVAILABLE and x.dtype == np.float16 and np.dtype(dtype) == np.float32 and x.flags.c_contiguous:
+        norms = np.empty(x.shape[0])
+        y = np.empty(x.shape, np.float32)
+        _centred_rows16(x.view(np.uint16), F16_TO_F64, F16_TO_F32, np.ascontiguousarray(mean, np.float32), y, norms)
+        return norms, y
+    from .kernels import token_norms
+    return token_norms(x), np.subtract(x, mean, dtype=dtype)

@@ -29,7 +29,8 @@ from scipy.linalg import blas
 
 from .engine import MODALITIES, tree_combine
 from .gradient import LayerGradient, ModalityGradient, SketchForm, TriangularForm
-from .kernels import as_rows, token_norms
+from .fused import centred_rows
+from .kernels import as_rows
 from .memory import return_freed_memory
 from .runner import Runner
 from .stats import LayerStats, NormSummary
@@ -121,9 +122,8 @@ def map_chunk(x, chunk: SampleChunk, params: InfluenceParams) -> SampleSums:
     back at the end); products in the form's precision, per-sample sums in float64."""
     x = as_rows(x)
     g = params.gradient
-    norms = token_norms(x)
-    out = params.norms.outliers(norms)
-    keep = ~out
+    norms = np.empty(len(x))
+    out = np.zeros(len(x), bool)
     per_row = np.zeros((len(FIELDS) - 3, len(x)))  # FIELDS[3:] per row
     n, s = chunk.samples, chunk.sample
     vectors = np.zeros((n, x.shape[1]))
@@ -133,13 +133,15 @@ def map_chunk(x, chunk: SampleChunk, params: InfluenceParams) -> SampleSums:
     for start in range(0, len(x), STEP_ROWS):
         rows = slice(start, start + STEP_ROWS)
         block = x[rows] if isinstance(g.form, SketchForm) else np.take(x[rows], g.form.perm, axis=1)
-        y = np.subtract(block, mean, dtype=work)  # (rows, d) C order
+        norms[rows], y = centred_rows(block, mean, work)  # (rows, d) C order; norms do not depend on the order
         del block
+        out[rows] = params.norms.outliers(norms[rows])
         y[out[rows]] = 0
         per_row[0, rows] = y @ direction
         for i, a, b in _runs(s[rows]):  # a sample's rows are contiguous: few runs per step
             vectors[i] += ones[:b - a] @ y[a:b]
         _covariance_terms(y, g, per_row[1:, rows], -(chunk.first + start) % CHECK_EVERY)
+    keep = ~out
     back = np.empty_like(vectors)
     back[:, slice(None) if isinstance(g.form, SketchForm) else g.form.perm] = vectors
     values = np.stack([np.bincount(s, minlength=n).astype(np.float64), np.bincount(s, weights=out, minlength=n),

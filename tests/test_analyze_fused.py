@@ -81,3 +81,14 @@ def test_numpy_kernels_can_be_forced():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MIR_KERNELS": "numpy"},
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 300), d=st.integers(1, 40), special=st.booleans())
+def test_compiled_centred_rows_equal_numpy(seed, n, d, special):
+    """The influence read's rows: norms to float64 rounding, the centred float32 rows bit for bit."""
+    x = _block(seed, n, d, "float16", special)
+    mean = np.random.default_rng(seed).normal(0, 1, d).astype(np.float32)
+    norms, y = fused.centred_rows(x, mean, np.float32)
+    np.testing.assert_allclose(norms, kernels.token_norms(x), rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(y, np.subtract(x, mean, dtype=np.float32))
