@@ -129,8 +129,9 @@ def trace_solve(covs: list[np.ndarray], factors: list[np.ndarray] | None = None)
 
 def _k_factors(solve: TraceSolve, dtype=np.float64) -> tuple[dict[str, np.ndarray], dict, dict]:
     """({modality: K} with df/dC = 1/2 K K^T, in `dtype`; {modality: x -> C x} in `dtype`; {modality:
-    W -> diag(W^T C W)} in float64, one product each). Empties `solve` of its d x d matrices, which the maps then hold (the caller drops them when
-    done: with dtype float32, two float64 and four float32 d x d, DXD_PEAK's 4)."""
+    W -> diag(W^T C W)} in float64, one product each). Empties `solve` of its d x d matrices, which the maps
+    then hold (the caller drops them when done: with dtype float32, two float64 and four float32 d x d, the
+    4 of DXD_PEAK)."""
     s = np.sqrt(solve.eigenvalues)
     vec, solve.vectors = solve.vectors, None
     vec *= s ** -0.5
@@ -156,10 +157,8 @@ class InfluenceMethod:
     per token, the rest held at its mean; r = `rank`, or by default max(SKETCH_MIN_RANK, d / SKETCH_SHARE)
     (128 at d = 4096: 1/16 of a Gram product)."""
 
-    kind: str = "sketch"
+    kind: str = "sketch"  # "sketch" | "exact"
     rank: int | None = None
-
-    KINDS = ("sketch", "exact")
 
     @classmethod
     def parse(cls, text: str) -> "InfluenceMethod":

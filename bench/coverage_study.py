@@ -2,6 +2,7 @@
 
     python bench/coverage_study.py                 # 200 data sets per N = 20, 50, 100 (about a minute)
     python bench/coverage_study.py --sets 20       # a quick check of the script itself
+    python bench/coverage_study.py --influence 4   # the covariance term sketched at rank 4 of 32
 
 One synthetic population (storage_schemas.synth's model: fixed layer means and covariances, every sample
 a fresh draw; 2 decoder layers, d = 32, 24 vision and ~24 text tokens per sample). Its MIR is taken as the mean
@@ -24,7 +25,7 @@ import time
 import numpy as np
 
 from analyze.bootstrap import bca_interval, interval, log10_or_nan, replicate_fd_totals, sample_weights
-from analyze.gradient import layer_gradient
+from analyze.gradient import InfluenceMethod, layer_gradient
 from analyze.influence import InfluenceParams, SampleChunk, layer_influence, map_chunk
 from analyze.inmemory import Rows, finish_rows
 from analyze.scan import UnitFacts
@@ -57,13 +58,14 @@ def layer_stats(records: list, layer: int) -> tuple[LayerStats, dict]:
     return LayerStats(layer, parts["vision"], parts["text"]), rows
 
 
-def analyse(records: list, replicates: int, seed: int) -> tuple[float, np.ndarray, np.ndarray]:
+def analyse(records: list, replicates: int, seed: int,
+            method: InfluenceMethod = InfluenceMethod()) -> tuple[float, np.ndarray, np.ndarray]:
     """MIR, its bootstrap replicates and the per-sample influence values (summed over layers), as
     `mir analyze --bootstrap` computes them."""
     fd_total, layers = 0.0, []
     for layer in range(1, SHAPE["layers"] + 1):
         stats, rows = layer_stats(records, layer)
-        grad = layer_gradient(stats)
+        grad = layer_gradient(stats, method=method)
         sums = {m: map_chunk(x, SampleChunk(s, len(records)), InfluenceParams(grad.modality(m),
                                                                                stats.modality(m).norms))
                 for m, (x, s) in rows.items()}
@@ -79,8 +81,11 @@ def main() -> None:
     parser.add_argument("--sets", type=int, default=200)
     parser.add_argument("--truth", type=int, default=4000, help="samples of each of the two large draws")
     parser.add_argument("--replicates", type=int, default=2000)
+    parser.add_argument("--influence", default="auto", help="the covariance term's form: auto (here d = 32: the "
+                        "complete sketch, exact), exact, or a sketch rank below d")
     args = parser.parse_args()
     start = time.perf_counter()
+    method = InfluenceMethod.parse(args.influence)
     draws = [analyse(draw(k * TRUTH_OFFSET, args.truth), 2, 0)[0] for k in (1, 2)]
     truth = float(np.mean(draws))
     print(f"population MIR {truth:.5f}: mean of two disjoint draws of {args.truth} samples ({draws[0]:.5f}, "
@@ -91,7 +96,7 @@ def main() -> None:
     for n in (20, 50, 100):
         rows = []
         for j in range(args.sets):
-            mir, reps, influence = analyse(draw(offset, n), args.replicates, j)
+            mir, reps, influence = analyse(draw(offset, n), args.replicates, j, method)
             offset += n
             lo, hi, sd = interval(reps)
             b_lo, b_hi, _, accel = bca_interval(reps, mir, influence)
