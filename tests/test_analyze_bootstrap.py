@@ -191,3 +191,20 @@ def test_influence_captured_equals_the_reference(tmp_path, monkeypatch, case, ra
                 assert math.isnan(captured.values[i, j]), (i, m)
             else:
                 assert float(captured.values[i, j]) == pytest.approx(want[m], abs=1e-4), (i, m)
+
+
+def test_influence_captured_flags_a_sketch_that_keeps_little(tmp_path, monkeypatch):
+    """Diagonal-only covariances (flat spectra): rank 2 of 48 keeps a small share of the per-token covariance
+    term, and the output says so; at rank 24 most of it. The share is per token, so it is conservative for the
+    sd: the per-sample sums and the mean and scale terms keep the interval close to the exact one (measured:
+    0.02%), which is why the sd is also compared here."""
+    monkeypatch.setattr(synth, "RANK", 0)
+    path = synth.write_synthetic_archive(tmp_path / "flat.zarr", layers=2, seed=5, dtype="float32", chunk_tokens=64,
+                                         chunks_per_shard=2, hidden=48, samples=30, vision_tokens=64, text_tokens=64)
+    selection = open_archive(path).select(layers=[1, 2])
+    runs = {inf: analyze_selection(selection, AnalysisOptions(bootstrap=2000, cache=False, influence=inf)).bootstrap
+            for inf in ("exact", "2", "24")}
+    assert runs["exact"]["influence_captured_min"] == 1.0 and runs["exact"]["influence"] == "exact"
+    assert runs["2"]["influence_captured_min"] < 0.5 < 0.9 < runs["24"]["influence_captured_min"] < 1.0
+    for inf in ("2", "24"):
+        assert runs[inf]["std"] == pytest.approx(runs["exact"]["std"], rel=0.02)
