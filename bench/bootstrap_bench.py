@@ -2,6 +2,7 @@
 
     python bench/bootstrap_bench.py          # d = 4096, LLaVA-1.5-7B-like shape
     python bench/bootstrap_bench.py --small                         # a quick check of the script itself
+    python bench/bootstrap_bench.py --hidden 256 --samples 800      # the same token counts at width 256
     python bench/bootstrap_bench.py --archive paper.zarr   # an existing one
 
 On one synthetic archive shaped like LLaVA-1.5-7B (hidden size 4096, 100 samples, 576 vision + ~800
@@ -43,8 +44,11 @@ def main() -> None:
     parser.add_argument("--memory-limit", default=None, help="passed to every mir analyze (e.g. 2GB)")
     parser.add_argument("--archive", default=None, help="an existing archive of the paper's shape, instead of synthesising")
     parser.add_argument("--no-exact", action="store_true", help="skip run 4 (the exact influence form)")
+    parser.add_argument("--hidden", type=int, default=None, help="synthesise at this width instead (e.g. 256)")
+    parser.add_argument("--samples", type=int, default=None, help="synthesise this many samples instead")
     args = parser.parse_args()
-    shape = SMALL if args.small else FULL
+    shape = dict(SMALL if args.small else FULL)
+    shape.update({k: v for k, v in (("hidden", args.hidden), ("samples", args.samples)) if v is not None})
     work = Path(tempfile.mkdtemp(prefix="mir-bootstrap-bench-"))
     try:
         if args.archive:
