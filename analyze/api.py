@@ -21,7 +21,7 @@ from . import bootstrap as boot
 from .cache import StatsCache
 from .config import ReadConfig
 from .dataset import AnalysisResult, result_attrs, to_dataset
-from .engine import GROUP_SEED, STATS_VERSION, compute_stats
+from .engine import GROUP_SEED, STATS_VERSION, ChunkStash, compute_stats
 from .errors import AnalysisError
 from .frechet import SQRT_MODES
 from . import memory
@@ -123,12 +123,13 @@ def _cache_key(selection, layer: int, precision: str, groups: int = 1, rules: bo
 
 
 def _batch_influence(selection, batch: list[int], stats: dict, options: AnalysisOptions,
-                     cache: StatsCache | None, runner: Runner,
-                     planned_peak: int = 0) -> tuple[dict[int, dict], dict[int, LayerInfluence]]:
+                     cache: StatsCache | None, runner: Runner, planned_peak: int = 0,
+                     stash: ChunkStash | None = None) -> tuple[dict[int, dict], dict[int, LayerInfluence]]:
     """Per-sample influence values of a batch of layers: cached, or one read of the missing layers. Returns
     them with the summaries of the missing layers, computed with their gradients from one trace solve.
-    While the gradients are computed (CPU-bound), the missing layers' files are read into the OS page cache
-    in the background, as far as it has room (Selection.prefetch), so the read then waits less on disk."""
+    The read takes the chunks the scan kept in `stash`; without them, while the gradients are computed
+    (CPU-bound), the missing layers' files are read into the OS page cache in the background, as far as it
+    has room (Selection.prefetch), so the read then waits less on disk."""
     method = options.influence_method
     form = method.describe(int(selection.archive.hidden_size))
     keys = {layer: {**_cache_key(selection, layer, options.precision), "kind": "influence",
@@ -141,22 +142,34 @@ def _batch_influence(selection, batch: list[int], stats: dict, options: Analysis
                 found[layer] = LayerInfluence.from_arrays(values)
     missing = [layer for layer in batch if layer not in found]
     if missing:
-        if not runner.distributed:  # workers elsewhere read through their own caches
+        if not runner.distributed and not (stash and stash.chunks):  # workers elsewhere read through their caches
             selection.prefetch(missing, memory.page_cache_room(planned_peak))
         solved = runner.map(lambda layer: layer_summary_and_gradient(stats[layer], options.mode, options.precision,
                                                                      options.sensitivity, method), missing)
         summaries = {layer: summary for layer, (summary, _) in zip(missing, solved)}
         grads = {layer: grad for layer, (_, grad) in zip(missing, solved)}
         del solved
-        for layer, values in compute_influence(selection, grads, stats, runner).items():
+        for layer, values in compute_influence(selection, grads, stats, runner, stash).items():
             if cache is not None:
                 cache.store_values(keys[layer], values.to_arrays())
             found[layer] = values
     return summaries, found
 
 
+def _stash_for(selection, batch: list[int], options: AnalysisOptions, runner: Runner,
+               plan: MemoryPlan) -> ChunkStash | None:
+    """With the bootstrap on local threads, a ChunkStash when the batch's stored bytes fit the budget beside
+    the plan's peak: the scan keeps its chunks and the influence read takes them, so the data is decoded once
+    (the second read's decoding alone cost about a third of the analysis at d = 256, bench/bootstrap_bench.py)."""
+    if not options.bootstrap or runner.distributed:
+        return None
+    stored = sum(getattr(selection, m).data[0].nbytes for m in MODALITIES) * len(batch)
+    return ChunkStash() if plan.peak + stored <= plan.budget else None
+
+
 def _batch_stats(selection, batch: list[int], options: AnalysisOptions, cache: StatsCache | None,
-                 runner: Runner, hits: list[int], lanes: int = 1, reads: ReadConfig | None = None) -> dict:
+                 runner: Runner, hits: list[int], lanes: int = 1, reads: ReadConfig | None = None,
+                 stash: ChunkStash | None = None) -> dict:
     """Sufficient statistics of a batch of layers: from the cache where present, else computed and cached."""
     groups = min(options.kept_groups, len(selection.sample_index))
     keys = {layer: _cache_key(selection, layer, options.precision, groups, options.sensitivity) for layer in batch}
@@ -170,7 +183,8 @@ def _batch_stats(selection, batch: list[int], options: AnalysisOptions, cache: S
     missing = [layer for layer in batch if layer not in stats]
     if missing:
         for layer, st in compute_stats(selection, missing, blocks=groups, precision=options.precision, runner=runner,
-                                        config=reads or options.reads, lanes=lanes, rules=options.sensitivity).items():
+                                        config=reads or options.reads, lanes=lanes, rules=options.sensitivity,
+                                        stash=stash).items():
             if cache is not None:
                 cache.store(keys[layer], st)
             stats[layer] = st
@@ -214,11 +228,13 @@ def analyze_selection(selection, options: AnalysisOptions | None = None, *, runn
     log.info("memory plan: %s", plan.describe())
     summaries, influence, hits = {}, {}, []
     for batch in layer_batches(layers, plan.layers_per_batch):
-        stats = _batch_stats(selection, batch, options, cache, runner, hits, plan.lanes, plan.config)
+        stash = _stash_for(selection, batch, options, runner, plan)
+        stats = _batch_stats(selection, batch, options, cache, runner, hits, plan.lanes, plan.config, stash)
         if options.bootstrap:
-            solved, values = _batch_influence(selection, batch, stats, options, cache, runner, plan.peak)
+            solved, values = _batch_influence(selection, batch, stats, options, cache, runner, plan.peak, stash)
             summaries.update(solved)
             influence.update(values)
+        del stash  # what the influence read did not take (layers found in the cache)
         rest = [layer for layer in batch if layer not in summaries]
         summaries.update(zip(rest, runner.map(lambda layer: layer_summary(stats[layer], options.mode,
                                                                           options.sensitivity), rest)))

@@ -105,15 +105,45 @@ def make_units(selection, layers: list[int], blocks: int, rules: bool = False) -
     return units
 
 
+class ChunkStash:
+    """Chunks a read keeps for a later read of the same layers, so that their data is decoded once: the
+    scan fills it, the bootstrap's influence read empties it (analyze_selection makes one only when the
+    batch's stored bytes fit the memory budget beside the plan's peak, and only on local threads, where a
+    plain object is shared by reference)."""
+
+    def __init__(self):
+        self.chunks: dict = {}
+
+    def __dask_tokenize__(self):
+        return ("mir-chunk-stash", id(self))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in list(self.chunks.values()))
+
+
 class LazyChunk:
     """A storage chunk that its lane reads when it reaches it: hidden from Dask (a plain object, not a
-    collection), so the graph has no read tasks that the scheduler could run ahead of the folds."""
+    collection), so the graph has no read tasks that the scheduler could run ahead of the folds. With a
+    `stash`: `keep` (the scan) looks there first and puts what it reads there; otherwise (the read that
+    empties it) a chunk found there is taken out of it, and one read is not kept."""
 
-    def __init__(self, chunk):  # a dask Delayed: one chunk of the unit's array
+    def __init__(self, chunk, stash: ChunkStash | None = None, keep: bool = True):  # chunk: a dask Delayed
         self.chunk = chunk
+        self.stash = stash
+        self.keep = keep
 
     def load(self) -> np.ndarray:
-        return np.asarray(self.chunk.compute(scheduler="sync"))
+        if self.stash is not None:
+            chunks = self.stash.chunks
+            kept = chunks.get(self.chunk.key) if self.keep else chunks.pop(self.chunk.key, None)
+            if kept is not None:
+                return kept
+        x = np.asarray(self.chunk.compute(scheduler="sync"))
+        if self.stash is not None and self.keep:
+            x.flags.writeable = False  # shared with the later read: no pass may change it
+            self.stash.chunks[self.chunk.key] = x
+        return x
 
     def __dask_tokenize__(self):
         return ("mir-lazy-chunk", self.chunk.key)
@@ -144,9 +174,9 @@ def lanes_of(items: list, lanes: int) -> list[list]:
     return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def unit_graph(unit: Unit, read, lanes: int):
+def unit_graph(unit: Unit, read, lanes: int, stash: ChunkStash | None = None):
     """The delayed outcome of `read` on one unit: lanes folded, tree-combined, finished."""
-    parts = [dask.delayed(fold_lane, pure=True)(read, [(LazyChunk(x), c) for x, c in run])
+    parts = [dask.delayed(fold_lane, pure=True)(read, [(LazyChunk(x, stash), c) for x, c in run])
              for run in lanes_of(unit.chunks(), lanes)]
     return dask.delayed(read.finish, pure=True)(tree_combine(parts), unit.facts)
 
@@ -165,12 +195,12 @@ def _combine(a, b):
 
 def compute_stats(selection, layers: list[int], *, blocks: int = 1, precision: str = "float32",
                   runner: Runner | None = None, config: ReadConfig = DEFAULT, lanes: int = 1,
-                  rules: bool = False) -> dict[int, LayerStats]:
+                  rules: bool = False, stash: ChunkStash | None = None) -> dict[int, LayerStats]:
     """Sufficient statistics of the given layers of a selection, reading the data once when the
     scan's guesses hold, twice when they miss, and up to 4 times for true float32 archives.
     `lanes`: accumulators per unit (memory.plan chooses them; results differ only by rounding).
     `blocks` K > 1 keeps them per group of samples (sample_groups); `rules` adds the moments under the
-    alternative outlier rules (stats.OUTLIER_RULES)."""
+    alternative outlier rules (stats.OUTLIER_RULES). `stash`: where the chunks read are kept (ChunkStash)."""
     if precision not in ("float32", "float64"):
         raise AnalysisError(f"unknown Gram precision {precision!r}; choose float32 or float64")
     runner = runner or Runner()
@@ -181,7 +211,7 @@ def compute_stats(selection, layers: list[int], *, blocks: int = 1, precision: s
         if not pending:
             break
         round_ += 1
-        graph = [unit_graph(u, read, lanes) for u, read in pending]
+        graph = [unit_graph(u, read, lanes, stash) for u, read in pending]
         labels = sorted({read.label for _, read in pending})
         if round_ > 1:
             log.info("read %d for %d of %d layer/modality pairs (%s)", round_, len(pending), len(units),

@@ -35,6 +35,7 @@ DXD_PEAK = 4  # most d x d float64 matrices alive at once in trace_solve + layer
 #               hand-over) briefly needs 3 more next to its input.
 DXD_HELD = 1.25  # d x d float64-equivalents one layer's gradient keeps for the influence read: two float32 d x d
 #                  (the exact form's triangular factors, or the sketch's check K) and the sketch's d x r vectors
+#                  (r <= d / 4; float32 products: --precision float64 or fewer rows than channels hold twice this)
 
 
 @dataclass(frozen=True)
@@ -135,10 +136,11 @@ def _k_factors(solve: TraceSolve, dtype=np.float64) -> tuple[dict[str, np.ndarra
     s = np.sqrt(solve.eigenvalues)
     vec, solve.vectors = solve.vectors, None
     vec *= s ** -0.5
+    vec = vec.astype(dtype, copy=False)  # the float64 vectors go before the float32 copies are made
     factor64, solve.factor = solve.factor, None
     other64, solve.other_cov = solve.other_cov, None
     factor, other = factor64.astype(dtype, copy=False), other64.astype(dtype, copy=False)
-    k_other = factor @ vec.astype(dtype, copy=False)  # K of the other modality: Y_V U S^-1/2 is K_T
+    k_other = factor @ vec  # K of the other modality: Y_V U S^-1/2 is K_T
     del vec
     k_side = other @ k_other
     k_side *= (1.0 / s).astype(dtype)

@@ -27,7 +27,7 @@ import dask
 import numpy as np
 from scipy.linalg import blas
 
-from .engine import MODALITIES, tree_combine
+from .engine import MODALITIES, ChunkStash, LazyChunk, tree_combine
 from .gradient import LayerGradient, ModalityGradient, SketchForm, TriangularForm
 from .fused import centred_rows
 from .kernels import as_rows
@@ -187,9 +187,10 @@ class InfluenceRead:
 
     label = "per-sample influence"
 
-    def map(self, x, chunk: SampleChunk, params: InfluenceParams) -> SampleSums:
+    def map(self, lazy: LazyChunk, chunk: SampleChunk, params: InfluenceParams) -> SampleSums:
+        """The chunk is read here, not by a Dask task of its own, so nothing is read ahead of the maps."""
         return_freed_memory()  # in a dask.distributed worker's process too
-        return map_chunk(x, chunk, params)
+        return map_chunk(lazy.load(), chunk, params)
 
     def finish(self, partial: SampleSums, facts=None) -> SampleSums:
         return partial
@@ -233,8 +234,9 @@ def captured_share(n: float, e: float, e2: float, r: float, r2: float) -> float:
 
 
 def compute_influence(selection, grads: dict[int, LayerGradient], stats: dict[int, LayerStats],
-                      runner: Runner | None = None) -> dict[int, LayerInfluence]:
-    """Influence values (N,) per layer: one read of the given layers of the selection, both modalities."""
+                      runner: Runner | None = None, stash: ChunkStash | None = None) -> dict[int, LayerInfluence]:
+    """Influence values (N,) per layer: one read of the given layers of the selection, both modalities
+    (chunks the scan kept in `stash` are taken from it instead of being read again)."""
     runner = runner or Runner()
     read = InfluenceRead()
     index = np.asarray(selection.sample_index, np.int64)
@@ -250,7 +252,8 @@ def compute_influence(selection, grads: dict[int, LayerGradient], stats: dict[in
             held = stats[layer].modality(m).norms
             params = dask.delayed(InfluenceParams(grad.modality(m), held), pure=True)
             edges = np.concatenate([[0], np.cumsum(arr.chunks[0])]).astype(int)
-            parts = [dask.delayed(read.map, pure=True)(x, SampleChunk(sample[a:b], n, int(a)), params)
+            parts = [dask.delayed(read.map, pure=True)(LazyChunk(x, stash, keep=False),
+                                                       SampleChunk(sample[a:b], n, int(a)), params)
                      for x, a, b in zip(arr.to_delayed().ravel(), edges[:-1], edges[1:])]
             graph.append(dask.delayed(read.finish, pure=True)(tree_combine(parts)))
             keys.append((layer, m))

@@ -208,3 +208,31 @@ def test_influence_captured_flags_a_sketch_that_keeps_little(tmp_path, monkeypat
     assert runs["2"]["influence_captured_min"] < 0.5 < 0.9 < runs["24"]["influence_captured_min"] < 1.0
     for inf in ("2", "24"):
         assert runs[inf]["std"] == pytest.approx(runs["exact"]["std"], rel=0.02)
+
+
+def test_the_scan_keeps_its_chunks_for_the_influence_read(tmp_path, monkeypatch):
+    """Within the budget the influence read takes the chunks the scan decoded (engine.ChunkStash) instead of
+    reading them again (and so does the scan's own second read, which this small archive needs): the same
+    values, and each storage chunk read once."""
+    from storage_schemas import reader
+    selection = _selection(tmp_path, monkeypatch, "many-outliers", "float32")
+    reads = []
+    original = reader.StoredArraySource.__getitem__
+
+    def counted(self, key):
+        reads.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(reader.StoredArraySource, "__getitem__", counted)
+    plain = analyze_selection(selection, AnalysisOptions(cache=False))  # the scan reads this archive twice
+    scan_reads = len(reads)
+    reads.clear()
+    kept = analyze_selection(selection, AnalysisOptions(bootstrap=50, cache=False))
+    one_pass = len(reads)
+    assert 2 * one_pass == scan_reads  # neither the scan's second read nor the influence read read again
+    reads.clear()
+    monkeypatch.setattr(analysis_api, "_stash_for", lambda *args: None)
+    again = analyze_selection(selection, AnalysisOptions(bootstrap=50, cache=False))
+    assert len(reads) == scan_reads + one_pass
+    assert kept.bootstrap["fd_influence"] == again.bootstrap["fd_influence"]
+    assert kept.mir == again.mir == pytest.approx(plain.mir, rel=1e-12)  # plain: values-only eigensolver
