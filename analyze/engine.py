@@ -117,10 +117,6 @@ class ChunkStash:
     def __dask_tokenize__(self):
         return ("mir-chunk-stash", id(self))
 
-    @property
-    def nbytes(self) -> int:
-        return sum(x.nbytes for x in list(self.chunks.values()))
-
 
 class LazyChunk:
     """A storage chunk that its lane reads when it reaches it: hidden from Dask (a plain object, not a

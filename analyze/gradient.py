@@ -44,6 +44,16 @@ class TriangularForm:
 
     perm: np.ndarray  # (d,) channel order of `tri`
     tri: np.ndarray  # (d, d) lower triangular L, Fortran order, in the products' precision: L L^T = a^2 K K^T permuted
+    exact = True
+
+    @property
+    def order(self) -> np.ndarray:
+        """The channel order rows are gathered into before the products."""
+        return self.perm
+
+    @property
+    def dtype(self):
+        return self.tri.dtype
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,16 @@ class SketchForm:
     weights: np.ndarray  # (r,) float64
     check: np.ndarray  # (d, m)
     complete: bool  # the subspace was everything and every direction kept: the form is exact
+
+    order = slice(None)  # rows as stored
+
+    @property
+    def exact(self) -> bool:
+        return self.complete
+
+    @property
+    def dtype(self):
+        return self.vectors.dtype
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import numpy as np
 from scipy.linalg import blas
 
 from .engine import MODALITIES, ChunkStash, LazyChunk, tree_combine
-from .gradient import LayerGradient, ModalityGradient, SketchForm, TriangularForm
+from .gradient import LayerGradient, ModalityGradient, TriangularForm
 from .fused import centred_rows
 from .kernels import as_rows
 from .memory import return_freed_memory
@@ -103,15 +103,11 @@ class InfluenceParams:
         """(mean, direction) in the form's channel order and the products' precision, computed once."""
         cached = self.__dict__.get("_prepared")
         if cached is None:
-            g = self.gradient
-            order = g.form.perm if isinstance(g.form, TriangularForm) else slice(None)
-            cached = (g.mean[order].astype(_work_dtype(g)), g.direction[order].astype(_work_dtype(g)))
+            form = self.gradient.form
+            cached = (self.gradient.mean[form.order].astype(form.dtype),
+                      self.gradient.direction[form.order].astype(form.dtype))
             object.__setattr__(self, "_prepared", cached)
         return cached
-
-
-def _work_dtype(g: ModalityGradient):
-    return g.form.tri.dtype if isinstance(g.form, TriangularForm) else g.form.vectors.dtype
 
 
 def map_chunk(x, chunk: SampleChunk, params: InfluenceParams) -> SampleSums:
@@ -127,12 +123,12 @@ def map_chunk(x, chunk: SampleChunk, params: InfluenceParams) -> SampleSums:
     per_row = np.zeros((len(FIELDS) - 3, len(x)))  # FIELDS[3:] per row
     n, s = chunk.samples, chunk.sample
     vectors = np.zeros((n, x.shape[1]))
-    work = _work_dtype(g)
+    work = g.form.dtype
     mean, direction = params.prepared
     ones = np.ones(min(STEP_ROWS, len(x)), work)
     for start in range(0, len(x), STEP_ROWS):
         rows = slice(start, start + STEP_ROWS)
-        block = x[rows] if isinstance(g.form, SketchForm) else np.take(x[rows], g.form.perm, axis=1)
+        block = x[rows][:, g.form.order]  # a view for a sketch, a gathered copy for the triangular form
         norms[rows], y = centred_rows(block, mean, work)  # (rows, d) C order; norms do not depend on the order
         del block
         out[rows] = params.norms.outliers(norms[rows])
@@ -143,7 +139,7 @@ def map_chunk(x, chunk: SampleChunk, params: InfluenceParams) -> SampleSums:
         _covariance_terms(y, g, per_row[1:, rows], -(chunk.first + start) % CHECK_EVERY)
     keep = ~out
     back = np.empty_like(vectors)
-    back[:, slice(None) if isinstance(g.form, SketchForm) else g.form.perm] = vectors
+    back[:, g.form.order] = vectors
     values = np.stack([np.bincount(s, minlength=n).astype(np.float64), np.bincount(s, weights=out, minlength=n),
                        np.bincount(s, weights=norms, minlength=n)]
                       + [np.bincount(s[keep], weights=v[keep], minlength=n) for v in per_row])
@@ -208,9 +204,7 @@ def layer_influence(grad: LayerGradient, sums: dict[str, SampleSums]) -> LayerIn
         centred[m] = sums[m].vectors + np.outer(o_i, grad.modality(m).median - grad.modality(m).mean)
         total += 2 * a * a * lins[m] / t["n"]
         total += (cov + o_i * t["median_cov"] - n_i * t["cov_mean"]) / (t["n"] - 1)
-        form = grad.modality(m).form
-        exact = isinstance(form, TriangularForm) or form.complete
-        captured.append(1.0 if exact else captured_share(*(c.sum() for c in check)))
+        captured.append(1.0 if grad.modality(m).form.exact else captured_share(*(c.sum() for c in check)))
     n_t, _, u, *_ = sums["text"].values
     n_total = grad.totals["text"]["n"]
     total += 2 * fd * (n_t - a * u) / n_total
