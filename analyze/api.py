@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from storage_schemas import MODALITIES, open_archive
+from storage_schemas.prefetch import prefetch
 
 from . import bootstrap as boot
 from .cache import StatsCache
@@ -129,7 +130,7 @@ def _batch_influence(selection, batch: list[int], stats: dict, options: Analysis
     them with the summaries of the missing layers, computed with their gradients from one trace solve.
     The read takes the chunks the scan kept in `stash`; without them, while the gradients are computed
     (CPU-bound), the missing layers' files are read into the OS page cache in the background, as far as it
-    has room (Selection.prefetch), so the read then waits less on disk."""
+    has room (storage_schemas.prefetch), so the read then waits less on disk."""
     method = options.influence_method
     form = method.describe(int(selection.archive.hidden_size))
     keys = {layer: {**_cache_key(selection, layer, options.precision), "kind": "influence",
@@ -143,7 +144,7 @@ def _batch_influence(selection, batch: list[int], stats: dict, options: Analysis
     missing = [layer for layer in batch if layer not in found]
     if missing:
         if not runner.distributed and not (stash and stash.chunks):  # workers elsewhere read through their caches
-            selection.prefetch(missing, memory.page_cache_room(planned_peak))
+            prefetch(selection, missing, memory.page_cache_room(planned_peak))
         solved = runner.map(lambda layer: layer_summary_and_gradient(stats[layer], options.mode, options.precision,
                                                                      options.sensitivity, method), missing)
         summaries = {layer: summary for layer, (summary, _) in zip(missing, solved)}

@@ -234,7 +234,7 @@ def plan(shape: Shape, n_layers: int, workers: int, budget: int, *, groups: int 
 def page_cache_room(reserved: int) -> int:
     """Bytes of file data the OS can keep cached beside this run: half of MemAvailable (Linux /proc/meminfo)
     less `reserved` (the run's own planned peak); 0 where unknown. Bounds the influence read's prefetch
-    (storage_schemas Selection.prefetch), so that it never evicts what it has just read."""
+    (storage_schemas.prefetch), so that it never evicts what it has just read."""
     try:
         with open("/proc/meminfo") as fh:
             fields = dict(line.split(":", 1) for line in fh)

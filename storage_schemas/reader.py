@@ -22,8 +22,7 @@ from .schema import (DEFAULT_TEXT_TOKEN_RULE, HIDDEN, HIDDEN_DIMS, MODALITIES, S
                      sample_index_matches)
 from .provenance import json_digest
 from .remote import StoreAccessError
-from .store import (check_codecs, is_remote, is_writable_local, local_path, missing_chunk_files, open_store,
-                    read_root_attrs)
+from .store import check_codecs, is_writable_local, missing_chunk_files, open_store, read_root_attrs
 
 SampleSpec = None | slice | Sequence[int] | np.ndarray | Sequence[str] | Callable[[xr.Dataset], np.ndarray]
 
@@ -360,55 +359,6 @@ class Selection:
     @property
     def sample_ids(self) -> list[str]:
         return self.archive.samples.sample_id.values[self.sample_index].tolist()
-
-    def chunk_files(self, layers: Sequence[int] | None = None) -> list[Path]:
-        """The hidden-state shard files that hold these layers (default: the selection's), in layer order, for
-        the local parts (a remote part has none). Whole shards: a sample subset still reads them."""
-        wanted = self.layers if layers is None else np.asarray(layers)
-        out = []
-        for layer in wanted:
-            for part in self.archive.parts:
-                if is_remote(part.location) or layer not in part.layers:
-                    continue
-                index = int(np.flatnonzero(part.layers == layer)[0])
-                for m in MODALITIES:
-                    folder = local_path(part.location) / m / HIDDEN / "c" / str(index)
-                    out.extend(sorted(f for f in folder.rglob("*") if f.is_file()))
-        return out
-
-    def prefetch(self, layers: Sequence[int] | None = None, max_bytes: int | None = None):
-        """Read these layers' shard files once in a background thread, discarding the bytes, so that the
-        operating system's page cache holds them when a later pass reads them: for a pass that follows
-        CPU-bound work (the bootstrap's second read after its gradients), whose disk reads then overlap that
-        work. Local parts only; files past `max_bytes` in layer order are left. Returns the started daemon
-        thread, or None when there is nothing to read."""
-        import threading
-        files, total = [], 0
-        try:
-            for f in self.chunk_files(layers):
-                size = f.stat().st_size
-                if max_bytes is not None and total + size > max_bytes:
-                    break
-                files.append(f)
-                total += size
-        except OSError:
-            pass  # only a hint: the pass itself reports any real problem
-        if not files:
-            return None
-
-        def read_all():
-            buffer = bytearray(1 << 22)
-            for f in files:
-                try:
-                    with open(f, "rb", buffering=0) as fh:
-                        while fh.readinto(buffer):
-                            pass
-                except OSError:
-                    return  # only a hint: the pass itself reports any real problem
-
-        thread = threading.Thread(target=read_all, name="mir-prefetch", daemon=True)
-        thread.start()
-        return thread
 
     @property
     def key(self) -> dict:

@@ -106,6 +106,17 @@ def check_codecs(array: zarr.Array, location: str, path: str) -> None:
                            "refusing to decode it (an archive must not be able to run code on the reader)")
 
 
+def chunk_keys(array: zarr.Array, length: int, axis: int, at: dict[int, int] | None = None) -> list[str]:
+    """The store keys of the chunk (shard) files that hold the first `length` entries along `axis`, with the
+    grid index fixed at `at` ({axis: index}) where given, in the array's own key encoding."""
+    grid = array.shards or array.chunks
+    ranges = [range(-(-size // step)) for size, step in zip(array.shape, grid)]
+    ranges[axis] = range(-(-min(length, array.shape[axis]) // grid[axis]))
+    for fixed, index in (at or {}).items():
+        ranges[fixed] = range(index, index + 1)
+    return [array.metadata.encode_chunk_key(index) for index in itertools.product(*ranges)]
+
+
 def missing_chunk_files(location: str | Path, path: str, array: zarr.Array, length: int, axis: int) -> list[str]:
     """Chunk (shard) files of array `path` that its first `length` entries along `axis` need but that are
     absent or empty, for a local archive ([] for remote ones, which are not listed).
@@ -117,12 +128,8 @@ def missing_chunk_files(location: str | Path, path: str, array: zarr.Array, leng
     if is_remote(location) or length <= 0 or 0 in array.shape or axis >= array.ndim:
         return []
     root = local_path(location) / path
-    grid = array.shards or array.chunks
-    ranges = [range(-(-size // step)) for size, step in zip(array.shape, grid)]
-    ranges[axis] = range(-(-min(length, array.shape[axis]) // grid[axis]))
     missing = []
-    for index in itertools.product(*ranges):
-        key = array.metadata.encode_chunk_key(index)
+    for key in chunk_keys(array, length, axis):
         try:
             if (root / key).stat().st_size == 0:
                 missing.append(key)

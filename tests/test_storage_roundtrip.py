@@ -165,3 +165,21 @@ def test_synthetic_modalities_differ_and_have_outliers(tmp_path):
     assert (norms > np.median(norms) + 3 * norms.std()).sum() >= 1  # heavy-norm outlier tokens
     counts = archive.samples.text_count.values
     assert counts.min() != counts.max()  # text-token counts vary per sample
+
+
+def test_prefetch_reads_exactly_the_selected_layers_shard_files(tmp_path):
+    """storage_schemas.prefetch lists the hidden-state shards of the asked layers (every file under their
+    layer index, in the array's key encoding) and reads them in a thread; a byte cap stops before it."""
+    from storage_schemas.prefetch import prefetch, shard_files
+    path = write_synthetic_archive(tmp_path / "a.zarr", layers=3, hidden=16, samples=6, vision_tokens=40,
+                                   text_tokens=30, seed=0, chunk_tokens=16, chunks_per_shard=2)
+    selection = open_archive(path).select(layers=[1, 3])
+    index = {int(layer): i for i, layer in enumerate(selection.archive.parts[0].layers)}
+    for layer in (1, 3):
+        want = sorted(f for m in ("vision", "text") for f in (tmp_path / "a.zarr" / m / "hidden" / "c" /
+                                                                str(index[layer])).rglob("*") if f.is_file())
+        assert sorted(shard_files(selection, [layer])) == want and want
+    thread = prefetch(selection)
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert prefetch(selection, max_bytes=0) is None
